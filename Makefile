@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv in the repo on first use; later runs reuse it (the stamp makes a re-install a no-op).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ecgad-installed
+PIP    := $(PY) -m pip install --quiet --constraint constraints.txt
+# Where pip looks for the local CPU torch wheel, when this machine has one.
+WHEELS := $(wildcard /opt/wheels)
+PIP_FIND := $(if $(WHEELS),--find-links $(WHEELS),)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(PIP_FIND) "setuptools<81" wheel
+	$(PIP) $(PIP_FIND) "torch==2.13.0"
+	$(PIP) $(PIP_FIND) -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: install
+	$(PY) -m jobs.demo
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,26 @@
+"""Shared fixtures: the real sample data, read in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecgad.settings import reference_mcf_dir, sample_data_dir
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """``../shared/data`` (or ``ECGAD_SAMPLE_DATA``); tests that need it skip, saying why, where it is absent."""
+    root = sample_data_dir()
+    if not (root / "ptbxl" / "ptbxl_database.csv").is_file():
+        pytest.skip(f"real sample data not found at {root} (set ECGAD_SAMPLE_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_mcf() -> Path:
+    root = reference_mcf_dir()
+    if not (root / "forward.npz").is_file():
+        pytest.skip(f"reference MCF fixture not found at {root} (set ECGAD_REFERENCE_MCF)")
+    return root
