@@ -1,0 +1,103 @@
+"""Flat, Arrow-friendly rows for `Prepared` records, so Ray Data blocks and Parquet files can carry them.
+
+Ray Data moves rows between tasks and actors as Arrow tables; nested variable-shape numpy arrays are fragile there,
+so a prepared record travels as plain columns: scalars, lists of ints and raw little-endian float32 bytes. Encoding
+is lossless (float32 in, float32 out), so a record scored after a round trip gets exactly the score it gets in
+process. Status rows for rejected records share the same columns, so one table holds every input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ecgad.types import Prepared, Rejection, Window
+
+_N_LEADS = 12
+
+
+def _to_bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
+
+
+def _from_bytes(blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
+
+
+def prepared_to_row(prepared: Prepared) -> dict[str, Any]:
+    """Encode one prepared record (all its windows, peaks and beats) as a flat row with status ``ok``."""
+    windows = prepared.windows
+    return {
+        "record_id": prepared.record_id,
+        "status": "ok",
+        "reason": "",
+        "n_samples_model": int(prepared.n_samples_model),
+        "source_fs": float(prepared.source_fs),
+        "source_samples": int(prepared.source_samples),
+        "window_offsets": [int(w.offset) for w in windows],
+        "window_len": int(windows[0].signal.shape[1]) if windows else 0,
+        "signals": _to_bytes(np.stack([w.signal for w in windows])) if windows else b"",
+        "peak_counts": [int(len(w.peaks)) for w in windows],
+        "peaks": [int(p) for w in windows for p in w.peaks],
+        "beat_counts": [int(w.n_beats) for w in windows],
+        "beat_peaks": [int(p) for w in windows for p in w.beat_peaks],
+        "beat_len": int(windows[0].beats.shape[2]) if windows and windows[0].n_beats else 0,
+        "beats": _to_bytes(np.concatenate([w.beats for w in windows])) if windows else b"",
+        "metadata_json": json.dumps(prepared.metadata, default=str),
+    }
+
+
+def rejection_to_row(record_id: str, rejection: Rejection) -> dict[str, Any]:
+    """A status row for a record that could not be prepared; same columns as `prepared_to_row`, empty payload."""
+    return {
+        "record_id": record_id,
+        "status": "rejected",
+        "reason": rejection.reason,
+        "n_samples_model": 0,
+        "source_fs": 0.0,
+        "source_samples": 0,
+        "window_offsets": [],
+        "window_len": 0,
+        "signals": b"",
+        "peak_counts": [],
+        "peaks": [],
+        "beat_counts": [],
+        "beat_peaks": [],
+        "beat_len": 0,
+        "beats": b"",
+        "metadata_json": "{}",
+    }
+
+
+def _split(values: Any, counts: list[int]) -> list[np.ndarray]:
+    flat = np.asarray(values, dtype=np.int64)
+    return np.split(flat, np.cumsum(counts)[:-1]) if counts else []
+
+
+def row_to_prepared(row: dict[str, Any]) -> Prepared:
+    """Decode a row written by `prepared_to_row` (a dict of Python values or numpy scalars/arrays)."""
+    if row["status"] != "ok":
+        raise ValueError(f"row {row['record_id']!r} has status {row['status']!r}; only 'ok' rows decode")
+    offsets = [int(o) for o in row["window_offsets"]]
+    n_windows, window_len = len(offsets), int(row["window_len"])
+    signals = _from_bytes(row["signals"], (n_windows, _N_LEADS, window_len))
+    beat_counts = [int(c) for c in row["beat_counts"]]
+    beat_len = int(row["beat_len"])
+    all_beats = _from_bytes(row["beats"], (sum(beat_counts), _N_LEADS, beat_len))
+    beat_split = np.split(all_beats, np.cumsum(beat_counts)[:-1]) if beat_counts else []
+    peaks = _split(row["peaks"], [int(c) for c in row["peak_counts"]])
+    beat_peaks = _split(row["beat_peaks"], beat_counts)
+    windows = [
+        Window(signal=signals[i], offset=offsets[i], peaks=peaks[i], beat_peaks=beat_peaks[i], beats=beat_split[i])
+        for i in range(n_windows)
+    ]
+    return Prepared(
+        record_id=str(row["record_id"]),
+        windows=windows,
+        n_samples_model=int(row["n_samples_model"]),
+        source_fs=float(row["source_fs"]),
+        source_samples=int(row["source_samples"]),
+        metadata=json.loads(row["metadata_json"]),
+    )
