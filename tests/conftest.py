@@ -24,3 +24,19 @@ def reference_mcf() -> Path:
     if not (root / "forward.npz").is_file():
         pytest.skip(f"reference MCF fixture not found at {root} (set ECGAD_REFERENCE_MCF)")
     return root
+
+
+#: Small, quiet local Ray sessions: 2 CPUs like CI, a modest object store so several can coexist.
+RAY_TEST_INIT = {"num_cpus": 2, "object_store_memory": 512 * 2**20, "include_dashboard": False}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray session per test module (starting Ray costs seconds; per-test sessions would not fit CI)."""
+    import ray
+
+    ray.init(**RAY_TEST_INIT)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
