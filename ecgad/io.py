@@ -1,0 +1,322 @@
+"""Readers: every supported ECG source becomes a `Record` (``(12, samples)`` float32 mV in `LEADS` order), or a
+typed `Rejection`.
+
+All entry points (training, archive scoring, the web service, the CLI) read through `read_record` or
+`record_from_array`, so a file is interpreted the same way everywhere. A reader never raises anything but
+`Rejection` for bad input: an archive job turns it into a status row, the service into a 422 body.
+
+Formats (chosen by `read_record` from the path):
+
+- **WFDB**: a ``.hea`` header with its signal files (``.dat``, CinC-style ``.mat``, PTB ``.xyz``, ...), read with
+  ``wfdb``. The path may name the header, any of its signal files, or the extension-less record. Physical units
+  come from the header (``mV``, ``uV``/``µV``, ``V``; none given means mV, as the WFDB spec says), so PTB's
+  ``s0010_re`` (gain 2000 adu/mV, no unit) comes out in mV like everything else. Before ``wfdb`` reads the samples,
+  the signal-file sizes are checked against the header (a header announcing more samples than the file holds would
+  otherwise make ``wfdb`` allocate or misread), and after, the per-channel checksums. Multi-segment records and
+  FLAC-compressed formats are not supported.
+- **CSV** (``.csv``): one column per lead, one row per sample. The first row is a header of lead names if any of
+  its cells is not a number; without one, pass ``lead_names`` (or give exactly 12 columns/rows, taken as `LEADS`),
+  and the orientation (samples x leads or leads x samples) follows from which axis matches the lead count. An
+  unnamed first header cell marks a pandas index column, which is dropped. Delimiter: ``,`` ``;`` tab, or
+  whitespace. Values in mV. The rate comes from ``fs=`` or a comment line ``# fs=500`` (also ``sampling_rate`` /
+  ``sampling_rate_hz``, ``=`` or ``:``); ``#`` lines are otherwise ignored.
+- **NPY** (``.npy``): a 2-D array in mV; ``fs`` required, lead names and orientation as for header-less CSV.
+  **NPZ** (``.npz``): keys ``signal`` (required), ``fs`` and ``lead_names`` (each may instead be given as an
+  argument).
+
+Rates: a rate given as ``fs=`` fills in for a file that carries none; if the file carries one too, the two must
+agree (``bad_fs`` otherwise), because silently preferring either would time-stretch the record.
+
+Rejection mapping: unreadable, empty, unknown-format or random-byte files, missing signal files, unsupported
+WFDB formats -> ``bad_file``; a signal file shorter than its header announces -> ``truncated``; a signal file
+sized for a different channel count, a checksum mismatch, or samples ``wfdb`` cannot lay out as the header
+describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate -> ``bad_fs``; an array
+that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems -> see `ecgad.leads`.
+A file cut exactly at a whole number of channels is indistinguishable from a channel-count mismatch and is
+reported as ``header_mismatch``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import zipfile
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import wfdb
+
+from ecgad.leads import standardize_leads
+from ecgad.types import LEADS, Record, Rejection
+from ecgad.validate import check_fs
+
+#: Exceptions ``wfdb`` raises on malformed headers or signal files (found by fuzzing real headers; its header
+#: parser raises ``HeaderSyntaxError``, a ValueError, and its readers assorted Index/Key/Type errors).
+_WFDB_ERRORS = (ValueError, IndexError, KeyError, TypeError, OSError, EOFError)
+_NUMPY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+
+#: Bits per stored sample of the uncompressed WFDB formats (310 and 311 pack 3 samples in 32 bits).
+_WFDB_BITS: dict[str, Fraction] = {
+    "8": Fraction(8), "16": Fraction(16), "24": Fraction(24), "32": Fraction(32), "61": Fraction(16),
+    "80": Fraction(8), "160": Fraction(16), "212": Fraction(12), "310": Fraction(32, 3), "311": Fraction(32, 3),
+}
+
+#: Physical units an ECG header may state, as a factor to mV. An empty unit is mV (WFDB's default).
+_UNIT_TO_MV: dict[str, float] = {"": 1.0, "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
+
+_FS_HINT = re.compile(r"^#\s*(?:fs|sampling_rate|sampling_rate_hz)\s*[=:]\s*(\S+)\s*$", re.IGNORECASE)
+
+
+def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequence[str] | None = None) -> Record:
+    """Read one ECG file (WFDB, CSV, NPY or NPZ; see the module docstring) into a `Record`.
+
+    ``fs`` (Hz) is needed where the file carries no rate; ``lead_names`` replaces the file's own names (needed
+    where it has none). The result's signal is ``(12, samples)`` float32 in mV, `LEADS` order; ``record_id`` is
+    the file stem; ``metadata`` holds the path, source format, original lead names, derived leads and what
+    else the file carried (units, header comments). Raises `Rejection` on any bad input, nothing else.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if Path(f"{path}.hea").is_file():          # an extension-less record name (dots allowed in it)
+        reader, file = _read_wfdb, Path(f"{path}.hea")
+    elif suffix == ".hea":
+        reader, file = _read_wfdb, path
+    elif suffix == ".csv":
+        reader, file = _read_csv, path
+    elif suffix in (".npy", ".npz"):
+        reader, file = _read_numpy, path
+    elif path.with_suffix(".hea").is_file():   # a WFDB signal file (.dat, .mat, .xyz, ...)
+        reader, file = _read_wfdb, path.with_suffix(".hea")
+    else:
+        raise Rejection("bad_file", "unknown_format" if path.exists() else "no_such_file", f"cannot read {path}")
+    try:
+        size = file.stat().st_size
+    except OSError:
+        raise Rejection("bad_file", "no_such_file", f"{file} not found") from None
+    if size == 0:
+        raise Rejection("bad_file", "empty", f"{file} is empty")
+    return reader(file, fs, lead_names)
+
+
+def record_from_array(signal: Any, fs: float, lead_names: Sequence[str] | None = None, record_id: str = "",
+                      metadata: dict[str, Any] | None = None) -> Record:
+    """A `Record` from an in-memory array in mV (a JSON or NPY request body, a decoded upload).
+
+    ``signal`` is preferably ``(leads, samples)``; ``(samples, leads)`` is accepted and transposed when only that
+    axis matches ``len(lead_names)``. Without ``lead_names``, an axis of length 12 is taken as `LEADS` order.
+    Returns ``(12, samples)`` float32 mV in `LEADS` order. Raises ``bad_fs``, ``bad_shape``, ``bad_file``
+    (non-numeric values) or a lead rejection.
+    """
+    fs = check_fs(fs)
+    try:
+        array = np.asarray(signal)
+    except (ValueError, TypeError) as exc:   # ragged nested lists
+        raise Rejection("bad_shape", "ragged", f"signal is not a rectangular array: {exc}") from None
+    if array.dtype.kind not in "biuf":
+        raise Rejection("bad_file", "non_numeric", f"signal values are {array.dtype}, not numbers")
+    if array.ndim != 2:
+        raise Rejection("bad_shape", "ndim", f"signal must be 2-D (leads, samples), got shape {array.shape}")
+    names = tuple(lead_names) if lead_names is not None else None
+    n_leads = len(names) if names is not None else len(LEADS)
+    if array.shape[0] != n_leads and array.shape[1] == n_leads:
+        array = array.T
+    return _assemble(array, fs, names if names is not None else LEADS, record_id, metadata or {})
+
+
+def _assemble(signal: np.ndarray, fs: float, lead_names: Sequence[str | None], record_id: str,
+              metadata: dict[str, Any]) -> Record:
+    """The one place a reader's ``(channels, samples)`` array in mV becomes a canonical `Record` (``fs`` checked)."""
+    if signal.ndim != 2 or signal.shape[0] != len(lead_names):
+        raise Rejection("bad_shape", "leads",
+                        f"signal shape {tuple(signal.shape)} does not match {len(lead_names)} lead names")
+    standard, derived = standardize_leads(signal, lead_names)
+    meta = {**metadata, "source_lead_names": list(lead_names), "derived_leads": list(derived)}
+    return Record(signal=standard, fs=float(fs), lead_names=LEADS, record_id=record_id, metadata=meta)
+
+
+def _resolve_fs(file_fs: object, fs: object) -> float:
+    """The record's rate: the file's, else the caller's; both present must agree."""
+    if file_fs is None:
+        return check_fs(fs)
+    file_fs = check_fs(file_fs)
+    if fs is not None and not math.isclose(check_fs(fs), file_fs):
+        raise Rejection("bad_fs", "conflict", f"the file says {file_fs:g} Hz, the caller {fs:g} Hz")
+    return file_fs
+
+
+# --- WFDB -------------------------------------------------------------------------------------------------------
+
+def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | None) -> Record:
+    base = header_path.with_suffix("")
+    try:
+        header = wfdb.rdheader(str(base))
+    except _WFDB_ERRORS as exc:
+        raise Rejection("bad_file", "header", f"unreadable WFDB header {header_path.name}: {exc}") from None
+    if isinstance(header, wfdb.MultiRecord):
+        raise Rejection("bad_file", "multi_segment", "multi-segment WFDB records are not supported")
+    rate = _resolve_fs(_header_fs(header_path), fs)
+    _check_signal_files(base.parent, header)
+    try:
+        rec = wfdb.rdrecord(str(base), physical=False, return_res=64)
+        physical = rec.dac(return_res=64)
+    except _WFDB_ERRORS as exc:
+        raise Rejection("header_mismatch", "layout",
+                        f"wfdb cannot read the samples as the header describes: {exc}") from None
+    _check_checksums(rec)
+    scale = np.array([_unit_to_mv(unit) for unit in rec.units])
+    metadata = {"path": str(header_path), "format": "wfdb", "units": list(rec.units), "comments": list(rec.comments)}
+    names = lead_names if lead_names is not None else rec.sig_name
+    return _assemble((physical * scale).T, rate, names, base.name, metadata)
+
+
+def _header_fs(header_path: Path) -> float | None:
+    """The rate written on the header's record line (``name nsig fs[/counter...] ...``), or None if absent.
+
+    Parsed here because ``wfdb`` silently substitutes 250 Hz for a missing or unparseable rate, which would
+    time-stretch the record instead of rejecting it. Called after ``wfdb`` has parsed the header.
+    """
+    lines = header_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    tokens = next(line for line in lines if line.strip() and not line.lstrip().startswith("#")).split()
+    if len(tokens) < 3:
+        return None
+    rate = tokens[2].split("/")[0]
+    try:
+        return float(rate)
+    except ValueError:
+        raise Rejection("bad_fs", "non_numeric", f"header rate {rate!r} is not a number") from None
+
+
+def _check_signal_files(directory: Path, header: wfdb.Record) -> None:
+    """Compare each signal file's size with what the header announces, before any sample is read."""
+    if not header.n_sig:
+        raise Rejection("bad_file", "no_signals", "the header declares no signals")
+    if header.n_sig != len(header.file_name):  # wfdb parses the signal lines present, whatever the record line says
+        raise Rejection("header_mismatch", "channels",
+                        f"the record line declares {header.n_sig} signals, the signal lines {len(header.file_name)}")
+    files: dict[str, tuple[str, int, int]] = {}    # file -> (format, samples per frame, byte offset)
+    for name, fmt, spf, offset in zip(header.file_name, header.fmt, header.samps_per_frame, header.byte_offset):
+        if fmt not in _WFDB_BITS:
+            raise Rejection("bad_file", "format", f"unsupported WFDB signal format {fmt!r}")
+        known_fmt, frame, known_offset = files.get(name, (fmt, 0, offset or 0))
+        if known_fmt != fmt:
+            raise Rejection("header_mismatch", "format", f"{name} is declared with formats {known_fmt} and {fmt}")
+        files[name] = (fmt, frame + (spf or 1), known_offset)
+    if not header.sig_len:                     # no length announced: wfdb infers it from the file size
+        return
+    for name, (fmt, frame, offset) in files.items():
+        try:
+            size = (directory / name).stat().st_size
+        except OSError:
+            raise Rejection("bad_file", "missing_signal_file", f"signal file {name} not found") from None
+        data_bits = max(size - offset, 0) * 8
+        channel_bits = header.sig_len * _WFDB_BITS[fmt]          # one channel's samples, in bits
+        channels_held = data_bits / channel_bits
+        if data_bits and channels_held.denominator == 1 and channels_held != frame:
+            raise Rejection("header_mismatch", "channels", f"{name} holds {channels_held} channels of "
+                                                           f"{header.sig_len} samples; the header declares {frame}")
+        needed = offset + math.floor(channel_bits * frame / 8)
+        if size < needed:
+            raise Rejection("truncated", "", f"{name} has {size} bytes, the header announces {needed}")
+
+
+def _check_checksums(rec: wfdb.Record) -> None:
+    """Header checksums are 16-bit sums of each channel's stored samples; they catch a wrong format or layout."""
+    if any((spf or 1) != 1 for spf in rec.samps_per_frame):   # wfdb averages multi-sample frames: no raw sums
+        return
+    sums = rec.d_signal.sum(axis=0)
+    for name, expected, actual in zip(rec.sig_name, rec.checksum, sums):
+        if expected is not None and (int(actual) - int(expected)) % 65536:
+            raise Rejection("header_mismatch", "checksum", f"checksum of channel {name} disagrees with the header")
+
+
+def _unit_to_mv(unit: str | None) -> float:
+    try:
+        return _UNIT_TO_MV[(unit or "").strip().lower()]
+    except KeyError:
+        raise Rejection("bad_file", "unit", f"physical unit {unit!r} is not a voltage") from None
+
+
+# --- CSV --------------------------------------------------------------------------------------------------------
+
+def _read_csv(path: Path, fs: float | None, lead_names: Sequence[str] | None) -> Record:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Rejection("bad_file", "unreadable", f"cannot read {path.name} as text: {exc}") from None
+    lines = text.splitlines()
+    hints = [m.group(1) for m in map(_FS_HINT.match, lines) if m]
+    file_fs = None
+    if hints:
+        try:
+            file_fs = float(hints[0])
+        except ValueError:
+            raise Rejection("bad_fs", "non_numeric", f"rate hint {hints[0]!r} is not a number") from None
+    rows = _split_rows([line for line in lines if line.strip() and not line.lstrip().startswith("#")])
+    if not rows:
+        raise Rejection("bad_file", "empty", f"{path.name} holds no data")
+    header = None if all(_is_number(cell) for cell in rows[0]) else [cell.strip() for cell in rows[0]]
+    body = rows[1:] if header is not None else rows
+    if not body:
+        raise Rejection("bad_file", "empty", f"{path.name} holds no samples")
+    if len({len(row) for row in body}) > 1:
+        raise Rejection("bad_shape", "ragged", f"{path.name} has rows of different lengths")
+    try:
+        table = np.array(body, dtype=np.float64)
+    except ValueError:
+        raise Rejection("bad_file", "non_numeric", f"{path.name} has non-numeric cells") from None
+    rate = _resolve_fs(file_fs, fs)
+    metadata = {"path": str(path), "format": "csv"}
+    if header is None:
+        return record_from_array(table, rate, lead_names, path.stem, metadata)
+    if header and header[0] == "" and table.shape[1] == len(header):     # pandas index column
+        header, table = header[1:], table[:, 1:]
+    if len(header) != table.shape[1]:
+        raise Rejection("bad_shape", "header", f"{len(header)} column names for {table.shape[1]} columns")
+    return _assemble(table.T, rate, lead_names if lead_names is not None else header, path.stem, metadata)
+
+
+def _split_rows(lines: list[str]) -> list[list[str]]:
+    """Cells of each data line; the delimiter is the first of ``,`` ``;`` tab found in the first line."""
+    if not lines:
+        return []
+    delimiter = next((d for d in ",;\t" if d in lines[0]), None)
+    if delimiter is None:
+        return [line.split() for line in lines]
+    return list(csv.reader(lines, delimiter=delimiter))
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+# --- NPY / NPZ --------------------------------------------------------------------------------------------------
+
+def _read_numpy(path: Path, fs: float | None, lead_names: Sequence[str] | None) -> Record:
+    file_fs = file_names = None
+    try:
+        loaded = np.load(path, allow_pickle=False)     # pickles refused: an upload must not run code
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if "signal" not in loaded.files:
+                    raise Rejection("bad_file", "no_signal", f"{path.name} has no 'signal' array")
+                signal = loaded["signal"]
+                if "fs" in loaded.files:
+                    stored_fs = loaded["fs"]
+                    file_fs = stored_fs.item() if stored_fs.size == 1 else stored_fs
+                if "lead_names" in loaded.files:
+                    file_names = [str(name) for name in loaded["lead_names"].ravel()]
+        else:
+            signal = loaded
+    except _NUMPY_ERRORS as exc:
+        raise Rejection("bad_file", "unreadable", f"cannot read {path.name} as NumPy data: {exc}") from None
+    rate = _resolve_fs(file_fs, fs)
+    names = lead_names if lead_names is not None else file_names
+    return record_from_array(signal, rate, names, path.stem, {"path": str(path), "format": path.suffix.lower()[1:]})
