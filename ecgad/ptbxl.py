@@ -88,14 +88,20 @@ def iter_ptbxl_records(root: str | Path, folds: Iterable[int] | None = None,
         yield read_ptbxl_record(root, row)
 
 
+MASK_DIR = "masks"
+
+
 def list_record_files(root: str | Path) -> list[Path]:
     """Every ECG file under ``root`` (any depth), sorted: WFDB headers (``.hea``; one per record, whatever its
     signal files), ``.csv``, ``.npy`` and ``.npz``. Known metadata tables (``ptbxl_database.csv``,
-    ``scp_statements.csv``, ``labels.csv``) are skipped, so a PTB-XL root or the sample data can be scored as is.
+    ``scp_statements.csv``, ``labels.csv``) are skipped, and so is a ``masks/`` folder (where ``ecgad synth`` keeps
+    the ground-truth point masks, which are ``.npy`` arrays but not ECGs), so a PTB-XL root, a synthetic root or the
+    sample data can be scored as is.
     """
-    return sorted(path for path in Path(root).rglob("*")
+    root = Path(root)
+    return sorted(path for path in root.rglob("*")
                   if path.suffix.lower() in _RECORD_SUFFIXES and path.name.lower() not in _TABLE_NAMES
-                  and path.is_file())
+                  and MASK_DIR not in path.relative_to(root).parts[:-1] and path.is_file())
 
 
 def _plain(value: Any) -> Any:

@@ -37,6 +37,7 @@ import pandas as pd
 import wfdb
 from scipy.signal import resample_poly
 
+from ecgad.ptbxl import MASK_DIR
 from ecgad.synth import ANOMALY_TYPES, SynthECG, generate_ecg
 
 #: PTB-XL spells the augmented leads in capitals in its WFDB headers.
@@ -139,7 +140,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
     if not 0.0 <= anomaly_fraction <= 1.0:
         raise ValueError(f"anomaly_fraction must lie in [0, 1]; got {anomaly_fraction}")
     root = Path(out)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
+    (root / MASK_DIR).mkdir(parents=True, exist_ok=True)
     (root / "scp_statements.csv").write_text(SCP_STATEMENTS_CSV)
     statements = pd.read_csv(io.StringIO(SCP_STATEMENTS_CSV), index_col=0)
 
@@ -154,7 +155,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
         _write_wfdb(root, hr, ecg.signal, FS_HR)
         if lowres:
             _write_wfdb(root, lr, resample_poly(ecg.signal, FS_LR, FS_HR, axis=1), FS_LR)
-        mask_path = f"masks/{ecg_id:05d}.npy"
+        mask_path = f"{MASK_DIR}/{ecg_id:05d}.npy"
         np.save(root / mask_path, ecg.mask)
 
         codes = scp_codes(ecg)
