@@ -1,0 +1,262 @@
+"""The ``ecgad`` command line: one small sub-command per stage, each a thin wrapper over the library.
+
+Heavy imports (torch, ray, wfdb) happen inside the handlers so ``ecgad --help`` stays instant. Errors a user can fix
+(bad input, bad checkpoint) end with a one-line message on stderr and a non-zero exit code, never a traceback.
+Exit codes: 0 success, 1 a record was rejected or a job failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class CLIError(Exception):
+    """A failure with a message meant for the user (printed without a traceback)."""
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=float))
+
+
+# -- ecgad synth -------------------------------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ecgad.synth_dataset import write_dataset
+
+    root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction)
+    print(f"wrote {args.n} synthetic records in PTB-XL layout to {root}")
+    return 0
+
+
+# -- ecgad inspect -----------------------------------------------------------------------------------------------
+
+def inspect_record(path: Path, fs: float | None = None) -> dict[str, Any]:
+    """Read, validate and prepare one record; report what the model would see (or why it cannot)."""
+    from ecgad.io import read_record
+    from ecgad.preprocess import prepare
+    from ecgad.types import Rejection
+    from ecgad.validate import validate
+
+    report: dict[str, Any] = {"path": str(path), "status": "ok", "reason": "", "fs": None, "leads": [],
+                              "samples": None, "r_peaks": 0, "n_beats": 0, "windows": 0}
+    try:
+        record = read_record(path, fs=fs)
+        report.update(fs=float(record.fs), leads=list(record.lead_names), samples=record.n_samples)
+        prepared = prepare(validate(record))
+        report.update(r_peaks=int(sum(len(w.peaks) for w in prepared.windows)), n_beats=prepared.n_beats,
+                      windows=len(prepared.windows))
+    except Rejection as rejection:
+        report.update(status="rejected", reason=rejection.reason, message=rejection.message)
+    return report
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    report = inspect_record(Path(args.path), fs=args.fs)
+    if args.json:
+        _print_json(report)
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {', '.join(value) if isinstance(value, list) else value}")
+    if report["status"] != "ok":
+        print(f"ecgad: {args.path}: rejected: {report['reason']} ({report.get('message', '')})", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- ecgad train-local / import-checkpoint -----------------------------------------------------------------------
+
+def cmd_train_local(args: argparse.Namespace) -> int:
+    from ecgad.train import train_local
+
+    out = train_local(Path(args.data), Path(args.out), config=args.config, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device)
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from ecgad.checkpoint import import_published_checkpoint
+
+    out = import_published_checkpoint(Path(args.published), Path(args.out), threshold=args.threshold)
+    print(f"imported {args.published} as ecgad checkpoint {out}")
+    return 0
+
+
+# -- ecgad score -------------------------------------------------------------------------------------------------
+
+def _plot_path(base: Path, record_id: str, several: bool) -> Path:
+    return base.with_name(f"{base.stem}_{record_id}{base.suffix}") if several else base
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ecgad.io import read_record
+    from ecgad.scoring import Scorer
+    from ecgad.types import Rejection
+    from ecgad.validate import validate
+
+    scorer = Scorer.from_checkpoint(Path(args.checkpoint), device=args.device, mode=args.mode)
+    paths = [Path(p) for p in args.paths]
+    records, results = [], {}
+    for path in paths:
+        try:
+            records.append((path, validate(read_record(path))))
+        except Rejection as rejection:
+            results[path] = rejection
+    scored = scorer.score_records([record for _, record in records]) if records else []
+    for (path, record), result in zip(records, scored, strict=True):
+        results[path] = (record, result)
+
+    maps_dir = Path(args.maps) if args.maps else None
+    if maps_dir:
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in paths:
+        result = results[path]
+        record, outcome = result if isinstance(result, tuple) else (None, result)
+        if isinstance(outcome, Rejection):
+            failures += 1
+            row = {"path": str(path), "status": "rejected", "reason": outcome.reason,
+                   "pred_score": None, "pred_label": None}
+            print(f"ecgad: {path}: rejected: {outcome.reason} ({outcome.message})", file=sys.stderr)
+        else:
+            row = {"path": str(path), "status": "ok", "reason": "", "pred_score": float(outcome.pred_score),
+                   "pred_label": bool(outcome.pred_label), "threshold": float(outcome.threshold),
+                   "beats_used": outcome.beats_used}
+            if maps_dir is not None and outcome.anomaly_map is not None:
+                np.save(maps_dir / f"{path.stem}.npy", outcome.anomaly_map.astype(np.float32))
+            if args.plot:
+                from ecgad.plot import plot_ecg
+
+                label = "anomalous" if outcome.pred_label else "normal"
+                plot_ecg(record.signal, record.fs, anomaly_map=outcome.anomaly_map,
+                         title=f"{path.stem}: score {outcome.pred_score:.4g} ({label}, threshold "
+                               f"{outcome.threshold:.4g})",
+                         out=_plot_path(Path(args.plot), path.stem, len(paths) > 1))
+        if args.json:
+            _print_json(row)
+        elif row["status"] == "ok":
+            print(f"{path}\tscore={row['pred_score']:.6g}\tlabel={'anomalous' if row['pred_label'] else 'normal'}")
+    return 1 if failures else 0
+
+
+# -- ecgad data download -----------------------------------------------------------------------------------------
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from ecgad.download import download_ptbxl
+
+    kwargs = {"rate": args.rate, "limit": args.limit}
+    if args.base_url:
+        kwargs["base_url"] = args.base_url
+    root = download_ptbxl(Path(args.out), **kwargs)
+    print(f"PTB-XL ({args.rate} Hz) ready at {root}")
+    return 0
+
+
+# -- ecgad serve / score-archive ---------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.app import run_local
+
+    run_local(Path(args.checkpoint), host=args.host, port=args.port, config=args.config, blocking=True)
+    return 0
+
+
+def cmd_score_archive(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from jobs.score_archive import main as score_archive_main
+
+    return int(score_archive_main(list(rest)) or 0)
+
+
+# -- parser ------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecgad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic 12-lead dataset (PTB-XL layout, with point masks)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anomaly-fraction", type=float, default=0.3)
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("inspect", help="read, validate and prepare one record; print what the model sees")
+    p.add_argument("path")
+    p.add_argument("--fs", type=float, default=None, help="sampling rate for formats without one (CSV, NPY)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("train-local", help="train MCF in this process (laptop scale); writes a checkpoint dir")
+    p.add_argument("--data", required=True, help="a PTB-XL root (real or synthetic)")
+    p.add_argument("--out", required=True, help="the finished checkpoint directory")
+    p.add_argument("--config", choices=["small", "paper"], default="small")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.set_defaults(handler=cmd_train_local)
+
+    p = sub.add_parser("score", help="score records with a checkpoint")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mode", choices=["full", "fast"], default="full")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.add_argument("--plot", default=None, help="write the 12-lead plot with the anomaly overlay (PNG or SVG)")
+    p.add_argument("--maps", default=None, help="save each record's anomaly map as OUTDIR/<record>.npy")
+    p.set_defaults(handler=cmd_score)
+
+    p = sub.add_parser("import-checkpoint", help="turn a published MCF checkpoint into an ecgad checkpoint dir")
+    p.add_argument("published")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=float("nan"),
+                   help="decision threshold (calibrate later with jobs.evaluate if unknown)")
+    p.set_defaults(handler=cmd_import_checkpoint)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("download", help="download a public dataset (resumable, checksum-verified)")
+    p.add_argument("dataset", choices=["ptbxl"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--rate", type=int, choices=[100, 500], default=500)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--base-url", default=None, help="mirror of PhysioNet's PTB-XL folder")
+    p.set_defaults(handler=cmd_download)
+
+    p = sub.add_parser("serve", help="start the scoring service locally (Ray Serve)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", default=None, help="a serve config YAML (default: serve/config.yaml)")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("score-archive", add_help=False,
+                       help="score an archive with Ray Data (same options as python -m jobs.score_archive)")
+    p.set_defaults(handler=cmd_score_archive, passthrough=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ecgad.types import Rejection
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if getattr(args, "passthrough", False):
+            return args.handler(args, rest)
+        return args.handler(args)
+    except (CLIError, Rejection, FileNotFoundError) as err:
+        print(f"ecgad {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
