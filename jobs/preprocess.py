@@ -1,0 +1,111 @@
+"""Ray job: prepare every record of a data root into Parquet training shards (layout and dtype: `ecgad.shards`).
+
+    python -m jobs.preprocess --data ROOT --out SHARDS [--force]
+    ray job submit --working-dir . -- python -m jobs.preprocess --data /mnt/efs/ptbxl --out /mnt/efs/shards
+
+ROOT is a PTB-XL root (real, or synthetic from ``ecgad.synth_dataset``; folds and labels come from its index) or any
+folder of ECG files (no folds or labels: preparable, not trainable). Records are listed on the driver, then read,
+validated and prepared in parallel Ray tasks (`ecgad.ray_data.prepare_rows`) and written by Ray Data; Ray Data's
+progress bars show the stages. Rejected records are rows too, and are listed with their reasons in
+``SHARDS/rejections.parquet``.
+
+Idempotent: the shards are built in a hidden sibling directory and swapped in whole when complete, with a manifest
+holding a fingerprint of the inputs and settings. Rerunning on an up-to-date output does nothing; rerunning after a
+kill or after the inputs changed rebuilds. One job per output directory at a time.
+
+The last line on stdout is the manifest as one JSON object. Exit codes: 0 done (or already up to date), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow.parquet as pq
+
+from ecgad.config import PrepConfig
+from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, replace_directory, summarize
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a PTB-XL root (real or synthetic) or a folder of ECG files")
+    parser.add_argument("--out", required=True, help="the shards directory to create or bring up to date")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
+    return parser
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} jobs.preprocess: {message}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root, out = Path(args.data).resolve(), Path(args.out).resolve()
+    if not root.is_dir():
+        print(f"preprocess: error: {root} is not a directory", file=sys.stderr)
+        return 2
+    if out == root or root in out.parents:
+        print(f"preprocess: error: --out {out} lies inside --data {root}", file=sys.stderr)
+        return 2
+
+    cfg = PrepConfig()
+    layout = ShardLayout(out)
+    fingerprint = input_fingerprint(root, cfg)
+    manifest = layout.read_manifest()
+    if manifest is not None and manifest.get("fingerprint") == fingerprint and not args.force:
+        _log(f"{out} is up to date with {root}; nothing to do (--force rebuilds)")
+        print(json.dumps(manifest))
+        return 0
+
+    import ray
+
+    from ecgad.checkpoint import git_commit
+    from ecgad.ray_data import PREPARE_TASK_MEMORY, inputs_dataset, list_inputs, prepare_shard_rows
+
+    inputs = list_inputs(root)
+    if inputs.num_rows == 0:
+        print(f"preprocess: error: no ECG records under {root}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _log(f"preparing {inputs.num_rows} records of {root} into {out}")
+        (inputs_dataset(inputs)
+         .map_batches(prepare_shard_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg},
+                      num_cpus=1, memory=PREPARE_TASK_MEMORY)
+         .write_parquet(str(ShardLayout(tmp).records), compression="zstd"))
+        counts, rejections = summarize(ShardLayout(tmp).records)
+        pq.write_table(rejections, ShardLayout(tmp).rejections)
+        manifest = {
+            "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "data": str(root),
+            "prep_config": cfg.to_dict(), "storage_dtype": STORAGE_DTYPE, "counts": counts,
+            "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - started, 3),
+        }
+        ShardLayout(tmp).manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # last: the completion marker
+        replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"done in {manifest['wall_s']:.1f} s: {counts['ok']} prepared, {counts['rejected']} rejected "
+         f"{counts['rejected_by_reason']}; {counts['train_normals']} training normals (folds 1-8)")
+    print(json.dumps(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
