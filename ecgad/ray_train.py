@@ -1,0 +1,392 @@
+"""The Ray Train (V2) adapter: `ecgad.train`'s training step, unchanged, in data-parallel Ray Train workers.
+
+What Ray adds around the library, and nothing more:
+
+- **Data**: the fold 1-8 normals of a shards directory (`ecgad.shards`), streamed by Ray Data and split equally over
+  the workers (DDP needs the same number of steps on every worker); each row becomes one training sample in the
+  collate function (`TrainingCollate`: the record's global input and one random beat, as the published loader
+  draws). The fold-9 rows are split too, but unequally, so every validation record is scored exactly once.
+- **Model**: ``ray.train.torch.prepare_model`` (device placement, DDP). Masks are drawn in `ecgad.train.train_step`
+  from a generator seeded per (seed, epoch, rank), so an epoch redone after a failure draws the same masks.
+- **Validation, every epoch**: the restoration loss of the fold-9 normals (`ecgad.train.validation_loss`, fixed
+  beats and masks so epochs compare), and the fold-9 records scored with the `Scorer` (the protocol evaluation and
+  serving use), giving the validation AUROC where fold 9 has abnormal records and the threshold (a quantile of the
+  normal records' scores, `ecgad.metrics.calibrate_threshold`) stored in that epoch's checkpoint.
+- **Checkpoints, every epoch**: an ecgad checkpoint directory (`ecgad.checkpoint.save_checkpoint`) plus
+  `TRAIN_STATE_FILE` (optimizer state, epoch, history), reported with ``ray.train.report``. Ray keeps the best by the
+  selection metric and always the latest; a restarted worker group (``FailureConfig.max_failures``) or a rerun with
+  the same run name and storage path resumes after the latest reported epoch, with the optimizer state restored,
+  so no epoch is repeated or skipped.
+
+`fit` is the driver side: it builds the datasets and the ``TorchTrainer``, runs it, and exports the selected
+checkpoint to ``OUT/best`` with ``OUT/metrics.json``. Fault injection for tests (`TrainSettings.fail_at_epoch`) makes
+the last worker die once, mid-epoch, recorded by a marker file so the restarted run does not fail again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import DataConfig
+
+from ecgad.config import PrepConfig
+from ecgad.model import MCF, MCFConfig
+from ecgad.shards import training_arrays
+
+#: Optimizer state, epoch and history, next to the model files in every reported checkpoint.
+TRAIN_STATE_FILE = "train_state.pt"
+
+#: Selection metrics and whether higher is better ("max") or lower ("min").
+SELECTION_ORDER = {"val_auroc": "max", "val_loss": "min"}
+
+#: Records per validation scoring call: enough beats to fill the Scorer's batches, little memory.
+VALIDATION_BATCH = 16
+
+
+@dataclass
+class TrainSettings:
+    """Everything a worker needs, passed as ``train_loop_config`` (a plain dict, so Ray can ship it)."""
+
+    model_config: dict[str, Any]
+    prep_config: dict[str, Any] = field(default_factory=lambda: PrepConfig().to_dict())
+    epochs: int = 50
+    batch_size: int = 32
+    seed: int = 0
+    select_by: str = "val_loss"          # a key of SELECTION_ORDER
+    threshold_quantile: float = 0.95
+    val_mode: str = "full"               # Scorer mode for validation scores (and so for the threshold)
+    shuffle_buffer: int = 256            # rows in Ray Data's local shuffle buffer (at least one batch)
+    fail_at_epoch: int | None = None     # testing: the last worker exits mid-way through this epoch, once
+    failure_marker: str | None = None    # where that failure is recorded (shared storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainSettings":
+        return cls(**data)
+
+
+def _log(message: str) -> None:
+    """One line on stdout; Ray forwards worker output to the driver, so it shows in ``ray job logs``."""
+    print(f"{time.strftime('%H:%M:%S')} ecgad.ray_train: {message}", file=sys.stdout, flush=True)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+class TrainingCollate(NumpyBatchCollateFn):
+    """Shard rows -> ``{"global": (B, 12, 4800), "beat": (B, 12, 480)}`` float32 tensors (`ecgad.shards.training_arrays`).
+
+    Ray Data calls collate functions from several threads, so the beat draw cannot share one generator: each batch
+    seeds its own from (seed, epoch, rank, its record ids), which is thread-safe and gives every record a new beat
+    each epoch.
+    """
+
+    def __init__(self, seed: int, epoch: int, rank: int, prep_config: PrepConfig) -> None:
+        self.seed, self.epoch, self.rank, self.prep_config = seed, epoch, rank, prep_config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids = zlib.crc32("\n".join(map(str, batch["record_id"])).encode())
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, ids])
+        global_x, beat_x = training_arrays(batch, rng, self.prep_config)
+        return {"global": torch.from_numpy(global_x), "beat": torch.from_numpy(beat_x)}
+
+
+class IngestConfig(DataConfig):
+    """Train split *equally* over workers (DDP steps in lockstep, so every worker needs the same number of
+    batches; Ray drops at most ``workers - 1`` rows per epoch for it), validation split *unequally* (every fold-9
+    record is scored exactly once, none dropped)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train V2 configures one dataset per call, when the workers first ask for its shard.
+        from ray.data import ExecutionOptions
+
+        output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            # Fresh defaults, not DataConfig.default_ingest_options(): in Ray 2.60 that one passes the deprecated
+            # ``exclude_resources`` (a DeprecationWarning on every run); Train reserves its workers' resources itself.
+            dataset.context.execution_options = ExecutionOptions()
+            splits = dataset.streaming_split(world_size, equal=name == "train", locality_hints=worker_node_ids)
+            for shard, split in zip(output, splits):
+                shard[name] = split
+        return output
+
+
+# -- the worker ---------------------------------------------------------------------------------------------------
+
+def _unwrap(model: torch.nn.Module) -> MCF:
+    return getattr(model, "module", model)
+
+
+def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every worker's ``value`` (all ranks get the list); a one-element list without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _resume(settings: TrainSettings) -> tuple[MCF, dict[str, Any] | None]:
+    """A fresh model, or the one of the latest reported checkpoint with its training state."""
+    import ray.train
+
+    from ecgad.checkpoint import load_checkpoint
+
+    model_config = MCFConfig.from_dict(settings.model_config)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return MCF(model_config), None
+    with checkpoint.as_directory() as directory:
+        model = load_checkpoint(directory, device="cpu", expected_model_config=model_config).model
+        state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    return model.train(), state
+
+
+def _validate(model: torch.nn.Module, shard, settings: TrainSettings, device: torch.device) -> dict[str, Any]:
+    """Validation loss of the fold-9 normals and scores of every fold-9 record, over all workers."""
+    from ecgad.metrics import calibrate_threshold, record_auroc
+    from ecgad.rows import row_to_prepared
+    from ecgad.scoring import Scorer
+    from ecgad.train import validation_step
+
+    prep_config = PrepConfig.from_dict(settings.prep_config)
+    net = _unwrap(model)
+    scorer = Scorer(net, prep_config, device=device, mode=settings.val_mode)
+    loss_sum, loss_n, scored = 0.0, 0, []
+    for batch in shard.iter_batches(batch_size=VALIDATION_BATCH, batch_format="numpy"):
+        normal = np.asarray(batch["is_normal"], dtype=bool)
+        if normal.any():
+            # The same beat and masks for a record every epoch, so the loss compares checkpoints, not draws.
+            ids = zlib.crc32("\n".join(map(str, batch["record_id"][normal])).encode())
+            global_x, beat_x = training_arrays({k: v[normal] for k, v in batch.items()},
+                                               np.random.default_rng([settings.seed, ids]), prep_config)
+            loss = validation_step(net, torch.from_numpy(global_x).to(device),
+                                   torch.from_numpy(beat_x).to(device))["loss"]
+            loss_sum += loss * len(global_x)
+            loss_n += len(global_x)
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(normal))]
+        scores = scorer.score_prepared([row_to_prepared(r) for r in rows], with_maps=False)
+        scored += [(bool(r["is_normal"]), s.pred_score) for r, s in zip(rows, scores)]
+    parts = _gather((loss_sum, loss_n, scored))
+    loss_sum, loss_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    scored = [item for part in parts for item in part[2]]
+    normal_scores = [s for is_normal, s in scored if is_normal]
+    labels = [0 if is_normal else 1 for is_normal, _ in scored]
+    auroc = record_auroc(labels, [s for _, s in scored]) if scored else math.nan
+    return {
+        "val_loss": loss_sum / loss_n if loss_n else math.nan,
+        "val_auroc": auroc,
+        "val_records": len(scored), "val_normals": len(normal_scores),
+        "threshold": calibrate_threshold(normal_scores, settings.threshold_quantile) if normal_scores else math.nan,
+    }
+
+
+def _checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
+                epoch: int, history: list[dict[str, Any]], threshold: float):
+    """This epoch's ecgad checkpoint plus the training state, as a Ray checkpoint."""
+    import ray.train
+
+    from ecgad.checkpoint import save_checkpoint
+
+    save_checkpoint(directory, _unwrap(model), MCFConfig.from_dict(settings.model_config),
+                    PrepConfig.from_dict(settings.prep_config), threshold,
+                    threshold_quantile=settings.threshold_quantile,
+                    metadata={"epoch": epoch, "selected_by": settings.select_by,
+                              "history": [_json_ready(m) for m in history], "settings": settings.to_dict()})
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
+               directory / TRAIN_STATE_FILE)
+    return ray.train.Checkpoint.from_directory(str(directory))
+
+
+def _maybe_fail(settings: TrainSettings, epoch: int, rank: int, world_size: int) -> None:
+    """Testing: the last worker exits abruptly (no cleanup, like a crash or a lost node), once per run."""
+    if settings.fail_at_epoch != epoch or rank != world_size - 1 or settings.failure_marker is None:
+        return
+    marker = Path(settings.failure_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"worker {rank} exited during epoch {epoch}\n")
+    _log(f"fault injection: worker {rank} exits during epoch {epoch}")
+    os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (module docstring)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from ecgad.train import lr_for_epoch, make_optimizer, set_seed, train_step
+
+    settings = TrainSettings.from_dict(config)
+    torch.set_num_threads(1)   # one CPU thread per worker: the node's other cores feed it (Ray Data) or run others
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    prep_config = PrepConfig.from_dict(settings.prep_config)
+
+    set_seed(settings.seed)    # the same initial weights on every worker (DDP also broadcasts rank 0's)
+    model, state = _resume(settings)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(model)
+    base_lr = optimizer.param_groups[0]["lr"]
+    start_epoch, history = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        if rank == 0:
+            _log(f"resuming after epoch {start_epoch - 1} (restored weights and optimizer state)")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    for epoch in range(start_epoch, settings.epochs):
+        lr = lr_for_epoch(epoch, settings.epochs, base_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = _epoch_generator(settings.seed, epoch, rank)
+        model.train()
+        loss_sum, samples, started = 0.0, 0, time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=settings.batch_size, collate_fn=TrainingCollate(settings.seed, epoch, rank, prep_config),
+            local_shuffle_buffer_size=max(settings.shuffle_buffer, settings.batch_size),
+            local_shuffle_seed=settings.seed + 1000 * epoch + rank)
+        for step, batch in enumerate(batches):
+            if step == 1:
+                _maybe_fail(settings, epoch, rank, world_size)
+            loss = train_step(model, optimizer, batch["global"], batch["beat"], generator)["loss"]
+            loss_sum += loss * len(batch["global"])
+            samples += len(batch["global"])
+        train_time = time.perf_counter() - started
+        totals = _gather((loss_sum, samples, train_time, ray.get_runtime_context().get_node_id()))
+        metrics = {
+            "epoch": epoch, "lr": lr, "workers": world_size, "nodes": len({t[3] for t in totals}),
+            "train_loss": sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals)),
+            "train_samples": sum(t[1] for t in totals),
+            "train_samples_per_s": sum(t[1] for t in totals) / max(t[2] for t in totals),
+            **_validate(model, val_shard, settings, device),
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = (_checkpoint(Path(tmp) / "checkpoint", model, optimizer, settings, epoch, history,
+                                      metrics["threshold"]) if rank == 0 else None)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if rank == 0:
+            _log(f"epoch {epoch} reported: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                           for k, v in metrics.items()))
+
+
+# -- the driver ---------------------------------------------------------------------------------------------------
+
+def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_workers: int = 1, use_gpu: bool = False,
+        cpus_per_worker: float = 1.0, placement_strategy: str = "PACK", name: str = "train",
+        storage_path: str | None = None, max_failures: int = 3, num_to_keep: int = 2) -> dict[str, Any]:
+    """Train on the shards at ``data`` with Ray Train; export the selected checkpoint to ``out/best`` and write
+    ``out/metrics.json``; returns what it writes there.
+
+    Runs on the Ray cluster this process is connected to. Ray's run directory is ``storage_path/name`` (default
+    ``storage_path`` = ``out``; on a multi-node cluster it must be shared storage, e.g. EFS or ``s3://...``): a
+    second call with the same name and storage path resumes that run after its latest reported epoch. Ray keeps
+    ``num_to_keep`` checkpoints by the selection metric, plus always the latest (which resuming needs).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ecgad.ray_data import read_shards
+    from ecgad.shards import TRAIN_FOLDS, TRAINING_COLUMNS, VALIDATION_COLUMNS, VALIDATION_FOLD, ShardLayout
+
+    started = time.perf_counter()
+    data, out = Path(data).resolve(), Path(out).resolve()
+    manifest = ShardLayout(data).require_manifest()
+    out.mkdir(parents=True, exist_ok=True)
+    order = SELECTION_ORDER[settings.select_by]
+    storage_path = storage_path or str(out)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=settings.to_dict(),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=settings.select_by,
+                                               checkpoint_score_order=order),
+            failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"train": read_shards(data, TRAINING_COLUMNS, TRAIN_FOLDS, only_normal=True),
+                  "validation": read_shards(data, VALIDATION_COLUMNS, (VALIDATION_FOLD,))},
+        dataset_config=IngestConfig(),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(settings.select_by, order)
+    if best is None or result.checkpoint is None:
+        raise RuntimeError(f"run {name} reported no checkpoint (no epochs to train?)")
+    with result.checkpoint.as_directory() as latest:
+        history = json.loads((Path(latest) / "config.json").read_text())["metadata"]["history"]
+    exported = export_checkpoint(best, out / "best")
+    chosen = next(m for m in history if m["epoch"] == exported.metadata["epoch"])
+    summary = {
+        "run": {"name": name, "path": result.path, "num_workers": num_workers, "use_gpu": use_gpu},
+        "data": {"shards": str(data), "fingerprint": manifest["fingerprint"], "counts": manifest["counts"]},
+        "settings": settings.to_dict(),
+        "epochs": history,
+        "best": {
+            "epoch": chosen["epoch"], "checkpoint": str(out / "best"), "model_version": exported.model_version,
+            "selected_by": settings.select_by, "order": order,
+            "value": chosen[settings.select_by],
+            "why": f"{order} {settings.select_by} over the {len(history)} epochs on the validation fold "
+                   f"({VALIDATION_FOLD}); the test fold is never looked at",
+            "threshold": chosen["threshold"],
+            "threshold_quantile": exported.threshold_quantile,
+        },
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "metrics.json")
+    return summary
+
+
+def export_checkpoint(checkpoint, target: Path):
+    """Copy the ecgad files of a reported checkpoint (not the training state) to ``target``, atomically, and load
+    it back as a check; returns the loaded `ecgad.checkpoint.Checkpoint`."""
+    import shutil
+
+    from ecgad.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+    from ecgad.shards import replace_directory
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        with checkpoint.as_directory() as source:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                shutil.copy2(Path(source) / name, tmp / name)
+        loaded = load_checkpoint(tmp)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return loaded
+
+
+def _json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN (an undefined AUROC, an uncalibrated threshold) as null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}

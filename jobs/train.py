@@ -1,0 +1,101 @@
+"""Ray job: train MCF data-parallel with Ray Train on Parquet shards (from ``jobs.preprocess``).
+
+    python -m jobs.train --data SHARDS --out RUNDIR --num-workers N [--use-gpu] [--config small|paper]
+        [--epochs E] [--batch-size B] [--name RUN] [--seed S]
+    ray job submit --working-dir . -- python -m jobs.train --data /mnt/efs/shards --out /mnt/efs/runs/mcf \\
+        --num-workers 4 --use-gpu --config paper
+
+Trains on the fold 1-8 normals, validates every epoch on fold 9 and ends with the selected checkpoint, its
+threshold calibrated on the fold-9 normals, at ``RUNDIR/best`` and the run's history at ``RUNDIR/metrics.json``
+(details: ``ecgad.ray_train``). The checkpoint is selected by the validation AUROC where fold 9 holds normal and
+abnormal records, else by the validation loss (``--select-by`` overrides). Rerunning the same command (same
+``--name`` and storage path) resumes after the last finished epoch; a finished run just re-exports its result.
+
+The last line on stdout is the summary as one JSON object. Exit codes: 0 trained, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ecgad.model import MCFConfig
+from ecgad.ray_train import SELECTION_ORDER, TrainSettings
+from ecgad.shards import VALIDATION_FOLD, ShardLayout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a shards directory written by jobs.preprocess")
+    parser.add_argument("--out", required=True, help="run directory: best/, metrics.json (and Ray's run folder)")
+    parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one GPU each with --use-gpu)")
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="CPUs reserved per worker; leave some free on each node for Ray Data's reads")
+    parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        default="PACK", help="how workers are placed on nodes (Ray placement group strategy)")
+    parser.add_argument("--config", choices=["small", "paper"], default="paper")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    parser.add_argument("--name", default="train", help="Ray run name; the same name resumes that run")
+    parser.add_argument("--storage-path", default=None,
+                        help="where Ray keeps the run (default: --out); shared storage (EFS, s3://) on a cluster")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--select-by", choices=["auto", *SELECTION_ORDER], default="auto")
+    parser.add_argument("--val-mode", choices=["full", "fast"], default="full",
+                        help="scoring mode for validation scores and the threshold")
+    parser.add_argument("--threshold-quantile", type=float, default=0.95)
+    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--keep", type=int, default=2, help="best checkpoints Ray keeps (the latest is always kept)")
+    parser.add_argument("--fail-at-epoch", type=int, default=None,
+                        help="testing: one worker exits abruptly during this epoch, once per run directory")
+    return parser
+
+
+def select_by(choice: str, manifest: dict) -> str:
+    """``auto``: the validation AUROC when fold 9 has both classes (what the reference tuned on, but on the test
+    fold), else the validation loss of its normals."""
+    if choice != "auto":
+        return choice
+    by_fold = manifest["counts"]["ok_by_fold_and_label"]
+    both = all(by_fold.get(f"{VALIDATION_FOLD}/{label}", 0) > 0 for label in ("normal", "abnormal"))
+    return "val_auroc" if both else "val_loss"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = ShardLayout(Path(args.data)).require_manifest()
+    except FileNotFoundError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+    if manifest["counts"]["train_normals"] < args.num_workers:
+        print(f"train: error: {manifest['counts']['train_normals']} training normals (folds 1-8) for "
+              f"{args.num_workers} workers", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from ecgad.ray_train import fit
+
+    model_config = MCFConfig.paper() if args.config == "paper" else MCFConfig.small()
+    out = Path(args.out).resolve()
+    settings = TrainSettings(
+        model_config=model_config.to_dict(), prep_config=manifest["prep_config"], epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, select_by=select_by(args.select_by, manifest),
+        threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, fail_at_epoch=args.fail_at_epoch,
+        failure_marker=str(out / f".{args.name}.injected-failure") if args.fail_at_epoch is not None else None)
+    if not ray.is_initialized():
+        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    summary = fit(args.data, out, settings, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                  cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy, name=args.name,
+                  storage_path=args.storage_path, max_failures=args.max_failures, num_to_keep=args.keep)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
