@@ -1,0 +1,461 @@
+"""The online scoring service: a FastAPI ingress in front of a batched model deployment, on Ray Serve.
+
+Why two deployments: turning a request into model input (``json.loads`` of ~1 MB, reading uploaded WFDB files,
+validation, then `ecgad.preprocess.prepare`: resampling, filtering, R-peaks, beats) is per-request CPU work that
+does not batch, while the model's forward passes do, on a GPU above all (on a CPU they are compute-bound and gain
+little; see ``bench/serve.py``). So `ECGIngress` replicas
+do all of the former (and render plots), scaling out with the request rate, and hand only `Prepared` records to
+`ECGModel`, whose ``score`` method gathers concurrent requests into one `ecgad.scoring.Scorer.score_prepared` call
+with ``@serve.batch``. The model replica never parses a byte or filters a signal, so a slow upload cannot hold up a
+batch and a GPU replica is not left waiting on CPU work. Both read the preparation settings from the same
+checkpoint, so online preparation is the one the model was trained with.
+
+Safety, in the order a request meets it: the proxy's ``request_timeout_s`` (408) and queue limit (503); the bearer
+token (401, when ``ECGAD_API_TOKEN`` is set in the replica's environment); the body-size limit (413, from
+``Content-Length`` and again while reading); the body format (415); the typed rejection of `ecgad.io` and
+`ecgad.validate` (422, ``{"detail": {"reason", "code", "message"}}``); the model's queue limit (503, raised here by
+the deployment handle and answered like the proxy's); a model replica dying mid-request (503, Serve replaces it).
+
+Deploy with ``serve deploy serve/config.yaml`` (the checkpoint path in its ``args``) or, locally, with
+`run_local` (``ecgad serve --checkpoint DIR``), which deploys that same config.
+"""
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ecgad import __version__
+from ecgad.config import PrepConfig
+from ecgad.preprocess import prepare
+from ecgad.synth import generate_ecg
+from ecgad.types import Prepared, Record, Rejection, Scores
+from serve import bodies
+from serve.schemas import ModelInfo, RejectionBody, ScoreRequest, ScoreResponse
+
+logger = logging.getLogger("ecgad.serve")
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+STATIC_DIR = Path(__file__).with_name("static")
+#: Environment variable holding the API token; when set (in the ingress replicas' environment), every ``/v1``
+#: request needs ``Authorization: Bearer <token>``.
+TOKEN_ENV = "ECGAD_API_TOKEN"
+#: Seconds a client is told to wait before retrying a 503.
+RETRY_AFTER_S = 1
+
+
+def canned_record() -> Record:
+    """A fixed synthetic 10 s, 500 Hz ECG: what readiness and health probes score, identical in every process."""
+    return generate_ecg(seed=0).to_record("canned")
+
+
+def checkpoint_prep_config(directory: str | Path) -> PrepConfig:
+    """The preparation settings stored in a checkpoint, read without loading its weights (for the ingress)."""
+    from ecgad.checkpoint import CONFIG_FILE
+
+    return PrepConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text())["prep_config"])
+
+
+class BatchConfig(BaseModel):
+    """``ECGModel``'s ``user_config``: changed by redeploying the config, applied without restarting replicas."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=10.0)
+
+
+class AppArgs(BaseModel):
+    """The application's ``args`` in the Serve config (``serve deploy`` validates them against this model)."""
+
+    checkpoint: str = Field(description="checkpoint directory, readable from every node running a replica")
+    mode: Literal["full", "fast"] = Field(default="full", description="Scorer mode (see ecgad.scoring)")
+    device: str | None = Field(default=None, description="torch device; default cuda when the replica has a GPU")
+    max_body_mb: float = Field(default=32.0, gt=0, description="larger request bodies get 413")
+
+
+# --------------------------------------------------------------------------------------------- model deployment
+
+@serve.deployment(name="ECGModel", max_ongoing_requests=64)
+class ECGModel:
+    """One loaded checkpoint per replica; scores micro-batches of records.
+
+    ``max_ongoing_requests`` must be at least the batch size, or a replica never sees a full batch.
+    """
+
+    def __init__(self, checkpoint: str, mode: str = "full", device: str | None = None) -> None:
+        import torch
+
+        from ecgad.checkpoint import load_checkpoint
+        from ecgad.scoring import Scorer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.mode = mode
+        self.checkpoint = load_checkpoint(checkpoint, device=self.device)
+        self.scorer = Scorer(self.checkpoint.model, self.checkpoint.prep_config, self.checkpoint.threshold,
+                             device=self.device, mode=mode, model_version=self.checkpoint.model_version)
+        # Batches and health probes share one model; running them one at a time bounds memory (GPU above all).
+        self._lock = threading.Lock()
+        self._canned = prepare(canned_record(), self.scorer.prep_config)
+        self._batching = BatchConfig()
+        self._probe()   # a replica that cannot score must never become ready
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._batching = BatchConfig.model_validate(user_config)
+        self.score.set_max_batch_size(self._batching.max_batch_size)
+        self.score.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+
+    def _score_now(self, prepared: list[Prepared], with_maps: bool) -> list[Scores]:
+        with self._lock:
+            return self.scorer.score_prepared(prepared, with_maps=with_maps)
+
+    @serve.batch(max_batch_size=BatchConfig().max_batch_size,
+                 batch_wait_timeout_s=BatchConfig().batch_wait_timeout_s)
+    async def score(self, prepared: list[Prepared], with_maps: list[bool]) -> list[tuple[Scores, str]]:
+        """Score the records of concurrent requests in one batch (maps for all if any request wants one: a batch
+        is one pass over the model) and tag each result with the model version that produced it."""
+        results = await asyncio.to_thread(self._score_now, prepared, any(with_maps))
+        return [(result, self.scorer.model_version) for result in results]
+
+    def _probe(self) -> None:
+        (result,) = self._score_now([self._canned], with_maps=True)
+        if not math.isfinite(result.pred_score) or not np.isfinite(result.anomaly_map).all():
+            raise RuntimeError(f"the model scores the canned ECG as {result.pred_score}")
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica. Scoring the canned ECG (in a
+        thread, so requests keep flowing) is the only check that covers a broken device or corrupted weights."""
+        await asyncio.to_thread(self._probe)
+
+    def info(self) -> dict[str, Any]:
+        checkpoint = self.checkpoint
+        threshold = float(checkpoint.threshold)
+        return {
+            "model_version": checkpoint.model_version,
+            "git_commit": checkpoint.git_commit,
+            "created": checkpoint.created,
+            "threshold": threshold if math.isfinite(threshold) else None,
+            "threshold_quantile": checkpoint.threshold_quantile,
+            "mode": self.mode,
+            "device": self.device,
+            "model_config": checkpoint.model_config.to_dict(),
+            "prep_config": checkpoint.prep_config.to_dict(),
+            "metadata": checkpoint.metadata,
+            "batching": self._batching.model_dump(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------- ingress
+
+app = FastAPI(
+    title="ecgad",
+    version=__version__,
+    description="12-lead ECG anomaly detection (MCF, MICCAI 2023): a score, a label and a per-lead, per-sample "
+                "anomaly map for one ECG per request. Bodies: JSON (`ScoreRequest`), an `.npy` array "
+                "(`application/x-npy`), or a multipart upload of one WFDB record (`.hea` + `.dat`/`.mat`) or CSV. "
+                "Records that cannot be scored get 422 with a typed reason.",
+)
+app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+_bearer = HTTPBearer(auto_error=False, description=f"required when the service has {TOKEN_ENV} set")
+
+
+def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """401 unless the bearer token matches ``ECGAD_API_TOKEN`` (read per request: rotating it needs no restart of
+    the code, only of the environment). Compared in constant time."""
+    expected = os.environ.get(TOKEN_ENV, "")
+    if not expected:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+class ServiceUnavailable(Exception):
+    """The model deployment cannot take the request now (queue full, replica gone); the client should retry."""
+
+
+@app.exception_handler(Rejection)
+async def _rejected(request: Request, exc: Rejection) -> JSONResponse:
+    return JSONResponse(bodies.rejection_body(exc), status_code=422)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Malformed query parameters or headers are the request's fault, not the ECG's: 400, so that 422 always
+    carries a typed rejection of the record."""
+    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=400)
+
+
+@app.exception_handler(bodies.BodyTooLarge)
+async def _too_large(request: Request, exc: bodies.BodyTooLarge) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=413)
+
+
+@app.exception_handler(bodies.UnsupportedMediaType)
+async def _unsupported(request: Request, exc: bodies.UnsupportedMediaType) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=415)
+
+
+@app.exception_handler(ServiceUnavailable)
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+_ERRORS = {400: {"description": "malformed query parameters or headers (e.g. map=half)"},
+           413: {"description": "body larger than the configured limit"},
+           415: {"description": "not JSON, application/x-npy or multipart/form-data"},
+           422: {"model": RejectionBody, "description": "the ECG cannot be scored; `reason` says why"},
+           503: {"description": "overloaded or a model replica is being replaced; retry after Retry-After"}}
+_AUTH = {401: {"description": f"bearer token missing or wrong (only when {TOKEN_ENV} is set)"}}
+
+#: The three body formats, for the OpenAPI docs (the handler reads the raw body itself; see serve.bodies).
+_SCORE_BODY = {"requestBody": {"required": True, "content": {
+    bodies.JSON_TYPE: {"schema": ScoreRequest.model_json_schema()},
+    bodies.NPY_TYPE: {"schema": {"type": "string", "format": "binary",
+                                 "description": "an .npy array (leads, samples) in mV, float32; fs and lead_names "
+                                                "as query parameters or X-ECG-FS / X-ECG-Leads headers"}},
+    bodies.MULTIPART_TYPE: {"schema": {"type": "object", "required": ["files"], "properties": {"files": {
+        "type": "array", "items": {"type": "string", "format": "binary"},
+        "description": "one record: a WFDB .hea with its .dat/.mat, or one .csv/.npy (fs as a query parameter "
+                       "if the file has none)"}}}},
+}}}
+
+_MapQuery = Query("full", alias="map", pattern=bodies.MAP_SPEC_PATTERN,
+                  description="none, full, or downsample=N (block maximum over N input samples)")
+_FsQuery = Query(None, description="sampling rate (Hz) for NPY bodies and files without one")
+_LeadsQuery = Query(None, description="comma-separated lead names for NPY bodies and header-less files")
+_IdQuery = Query("", max_length=200, description="record id echoed back (NPY bodies)")
+_FsHeader = Header(None, description="the same as the fs query parameter")
+_LeadsHeader = Header(None, description="the same as the lead_names query parameter")
+
+
+async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+    """Parse an already size-checked multipart body with Starlette's parser, replaying it as the request stream."""
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=bodies.MAX_UPLOAD_FILES)
+    except StarletteHTTPException as err:   # Starlette's 400 for a malformed body
+        raise Rejection("bad_file", "multipart", f"malformed multipart body: {err.detail}") from None
+    try:
+        return [(item.filename or "", await item.read()) for _, item in form.multi_items()
+                if isinstance(item, UploadFile)]
+    finally:
+        await form.close()
+
+
+@serve.deployment(name="ECGIngress", max_ongoing_requests=32)
+@serve.ingress(app)
+class ECGIngress:
+    """HTTP front: schemas, limits, parsing and validation, plots; holds a handle to `ECGModel`."""
+
+    def __init__(self, model: DeploymentHandle, checkpoint: str, max_body_mb: float = 32.0) -> None:
+        self.model = model
+        self.max_body_bytes = int(max_body_mb * 2**20)
+        self.prep_config = checkpoint_prep_config(checkpoint)
+        self.canned = prepare(canned_record(), self.prep_config)
+
+    async def _prepare(self, request: Request, fs: str | None, lead_names: str | None,
+                       record_id: str) -> tuple[Record, Prepared]:
+        """Read the body (size-limited), then parse, validate and prepare it in a worker thread, so the event loop
+        keeps serving other requests meanwhile."""
+        kind = bodies.media_type(request.headers.get("content-type"))
+        if kind not in (bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE):
+            raise bodies.UnsupportedMediaType(f"unsupported Content-Type {kind!r}; send {bodies.JSON_TYPE}, "
+                                              f"{bodies.NPY_TYPE} or {bodies.MULTIPART_TYPE}")
+        body = await bodies.read_limited(request.headers.get("content-length"), request.stream(),
+                                         self.max_body_bytes)
+        if kind == bodies.JSON_TYPE:
+            parse = functools.partial(bodies.record_from_json, body)
+        elif kind == bodies.NPY_TYPE:
+            parse = functools.partial(bodies.record_from_npy, body, bodies.parse_fs(fs),
+                                      bodies.parse_lead_names(lead_names), record_id)
+        else:
+            parse = functools.partial(bodies.record_from_files, await _multipart_files(request, body),
+                                      bodies.parse_fs(fs), bodies.parse_lead_names(lead_names))
+
+        def parse_and_prepare() -> tuple[Record, Prepared]:
+            record = parse()
+            return record, prepare(record, self.prep_config)
+
+        return await asyncio.to_thread(parse_and_prepare)
+
+    async def _score(self, prepared: Prepared, with_map: bool) -> tuple[Scores, str]:
+        try:
+            return await self.model.score.remote(prepared, with_map)
+        except BackPressureError as err:
+            raise ServiceUnavailable(f"the model is at capacity: {err}") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            raise ServiceUnavailable(f"the model replica is unavailable: {type(err).__name__}") from None
+
+    @app.post("/v1/score", summary="Score one ECG", dependencies=[Depends(require_token)],
+              responses={200: {"model": ScoreResponse}, **_AUTH, **_ERRORS}, openapi_extra=_SCORE_BODY)
+    async def score(self, request: Request, map_spec: str = _MapQuery, fs: str | None = _FsQuery,
+                    lead_names: str | None = _LeadsQuery, record_id: str = _IdQuery,
+                    x_ecg_fs: str | None = _FsHeader, x_ecg_leads: str | None = _LeadsHeader) -> Response:
+        step = bodies.parse_map_spec(map_spec)
+        _, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
+        scores, model_version = await self._score(prepared, with_map=step is not None)
+        text = await asyncio.to_thread(lambda: json.dumps(bodies.score_body(scores, model_version, step)))
+        return Response(text, media_type=bodies.JSON_TYPE)
+
+    @app.post("/v1/score/plot", summary="Score one ECG and plot it with its anomaly map",
+              dependencies=[Depends(require_token)], openapi_extra=_SCORE_BODY, response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the 12-lead plot; the verdict is in "
+                               "the X-ECG-Score, X-ECG-Label, X-ECG-Threshold and X-Model-Version headers"},
+                         **_AUTH, **_ERRORS})
+    async def score_plot(self, request: Request, fs: str | None = _FsQuery, lead_names: str | None = _LeadsQuery,
+                         record_id: str = _IdQuery, x_ecg_fs: str | None = _FsHeader,
+                         x_ecg_leads: str | None = _LeadsHeader) -> Response:
+        record, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
+        scores, model_version = await self._score(prepared, with_map=True)
+        png = await asyncio.to_thread(bodies.plot_png, record, scores)
+        return Response(png, media_type="image/png", headers={
+            "X-ECG-Score": repr(float(scores.pred_score)),
+            "X-ECG-Label": "anomalous" if scores.pred_label else "normal",
+            "X-ECG-Threshold": f"{scores.threshold:.6g}",
+            "X-Model-Version": model_version,
+        })
+
+    @app.get("/v1/model", summary="The loaded checkpoint", response_model=ModelInfo,
+             dependencies=[Depends(require_token)], responses=_AUTH)
+    async def model_info(self) -> dict[str, Any]:
+        try:
+            return await self.model.info.remote()
+        except (BackPressureError, RayActorError, DeploymentUnavailableError) as err:
+            raise ServiceUnavailable(f"the model replica is unavailable: {type(err).__name__}") from None
+
+    @app.get("/healthz", summary="Liveness: the HTTP process is up")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a model replica is loaded and scores the canned ECG",
+             responses={503: {"description": "no model replica can score now"}})
+    async def readyz(self) -> JSONResponse:
+        try:
+            scores, model_version = await self._score(self.canned, with_map=False)
+        except ServiceUnavailable as err:
+            return JSONResponse({"status": "unavailable", "detail": str(err)}, status_code=503)
+        return JSONResponse({"status": "ready", "model_version": model_version,
+                             "canned_score": float(scores.pred_score)})
+
+    @app.get("/", include_in_schema=False)
+    async def viewer(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """The application ``serve deploy`` / ``serve run`` builds from the config's ``import_path`` and ``args``."""
+    model = ECGModel.bind(checkpoint=args.checkpoint, mode=args.mode, device=args.device)
+    return ECGIngress.bind(model, checkpoint=args.checkpoint, max_body_mb=args.max_body_mb)
+
+
+# --------------------------------------------------------------------------------------------------- local run
+
+def load_config(config: str | Path | dict[str, Any] | None, checkpoint: str | Path, host: str,
+                port: int) -> dict[str, Any]:
+    """A Serve deploy config (a YAML path, an already-loaded dict, or the default ``serve/config.yaml``) with the
+    checkpoint, host and port filled in; the input is not modified."""
+    if isinstance(config, dict):
+        data = deepcopy(config)
+    else:
+        data = yaml.safe_load(Path(config or DEFAULT_CONFIG).read_text())
+    data.setdefault("http_options", {}).update(host=host, port=int(port))
+    for application in data["applications"]:
+        application.setdefault("args", {})["checkpoint"] = str(Path(checkpoint).resolve())
+    return data
+
+
+def _fit_gpus(data: dict[str, Any], cluster_gpus: float) -> None:
+    """Run on CPU where the cluster has no GPU: a replica asking for one would otherwise wait forever."""
+    if cluster_gpus > 0:
+        return
+    for application in data["applications"]:
+        for deployment in application.get("deployments", []):
+            options = deployment.get("ray_actor_options") or {}
+            if options.get("num_gpus"):
+                logger.warning("no GPU in this Ray cluster: %s runs on CPU", deployment.get("name"))
+                options["num_gpus"] = 0
+
+
+def _wait_running(names: set[str], deployed_at: float, timeout_s: float) -> None:
+    """Block until every application, deployed at or after ``deployed_at`` (so an earlier deployment's RUNNING does
+    not count), is RUNNING; fail with Serve's own message if a deployment fails."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {name: serve.status().applications.get(name) for name in names}
+        current = {n: s for n, s in statuses.items() if s is not None and s.last_deployed_time_s >= deployed_at}
+        failed = {n: s.message for n, s in current.items() if s.status == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"Serve deployment failed: {failed}")
+        if len(current) == len(names) and all(s.status == "RUNNING" for s in current.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s:g} s: "
+                               f"{ {n: s.status if s else 'absent' for n, s in statuses.items()} }")
+        time.sleep(0.5)
+
+
+def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
+              config: str | Path | dict[str, Any] | None = None, blocking: bool = True,
+              timeout_s: float = 300.0) -> str:
+    """Deploy the service from a Serve config; returns its base URL.
+
+    It deploys the config exactly as ``serve deploy`` / ``serve run`` do (Serve has no public Python API for a
+    config file, so this uses the same internal calls as its CLI), so a local run exercises the production
+    settings: replicas, autoscaling, queue limits, batching. Calling it again with a changed config updates the
+    running application in place (a ``user_config`` change, e.g. the batch size, restarts no replica); the HTTP
+    options are fixed by the first call.
+
+    Where Ray is not initialized yet, it starts a new local Ray instance, or connects to the cluster ``RAY_ADDRESS``
+    names, but never silently joins whatever cluster another process on the machine last started (``ray.init()``'s
+    default). ``blocking`` serves until Ctrl-C; Ctrl-C, also during deployment, shuts Serve down.
+    """
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    data = load_config(config, checkpoint, host, port)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    _fit_gpus(data, ray.cluster_resources().get("GPU", 0))
+    schema = ServeDeploySchema.model_validate(data)
+    url = f"http://{host}:{port}"
+    try:
+        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+        deployed_at = math.floor(time.time())      # Serve may store the deploy time with less precision
+        client.deploy_apps(schema)
+        _wait_running({application.name for application in schema.applications}, deployed_at, timeout_s)
+        if blocking:
+            print(f"ecgad service at {url}/ (API docs at {url}/docs); Ctrl-C stops it", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        if not blocking:
+            raise
+    return url

@@ -1,0 +1,242 @@
+"""Request bodies -> `Record`, and `Scores` -> response bodies: the service's pure, Ray-free half.
+
+Everything here runs in the ingress replicas, never in the model replica, so that turning bytes into arrays (and
+reading uploaded files) scales with the ingress replicas and never holds up a batch on the model. The functions are
+plain Python over bytes and numpy, unit-testable without a cluster.
+
+Three body formats reach the same `ecgad.io` readers the CLI and the batch jobs use, so a record scored online is
+read exactly as it is read offline:
+
+- ``application/json``: `serve.schemas.ScoreRequest`, parsed with ``json.loads`` (not pydantic; see schemas);
+- ``application/x-npy``: one ``.npy`` array ``(leads, samples)`` (float32 recommended); ``fs`` and ``lead_names``
+  as query parameters or ``X-ECG-FS`` / ``X-ECG-Leads`` headers. No text to parse: the cheapest format;
+- ``multipart/form-data``: the files of one record, a WFDB ``.hea`` with its signal files (``.dat``, ``.mat``), or
+  one ``.csv`` / ``.npy`` file, written to a private temporary folder and read with `ecgad.io.read_record`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from ecgad.io import read_record, record_from_array
+from ecgad.plot import plot_ecg
+from ecgad.types import Record, Rejection, Scores
+from ecgad.validate import validate
+from serve.schemas import ScoreRequest
+
+JSON_TYPE = "application/json"
+NPY_TYPE = "application/x-npy"
+MULTIPART_TYPE = "multipart/form-data"
+
+#: Upload suffixes written to disk for `read_record`; anything else in a multipart body is refused, so a client
+#: cannot make the service write arbitrary files.
+UPLOAD_SUFFIXES = frozenset({".hea", ".dat", ".mat", ".xyz", ".csv", ".npy", ".npz"})
+#: Files that are a record on their own (WFDB signal files need their ``.hea``).
+_RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz")
+#: Files per multipart body (a WFDB record has a header and one or a few signal files).
+MAX_UPLOAD_FILES = 16
+
+_MAP_SPEC = re.compile(r"^(none|full|downsample=([1-9][0-9]{0,5}))$")
+MAP_SPEC_PATTERN = _MAP_SPEC.pattern
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds the configured limit (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than the limit of {limit} bytes")
+
+
+class UnsupportedMediaType(Exception):
+    """The body is none of the accepted formats (HTTP 415)."""
+
+
+async def read_limited(content_length: str | None, chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The whole body, refusing it as soon as it is known to exceed ``limit`` bytes.
+
+    ``Content-Length`` is checked first, so an honest oversize request is refused before a byte is read; the running
+    count catches chunked bodies and clients whose header lies.
+    """
+    if content_length is not None:
+        try:
+            announced = int(content_length)
+        except ValueError:
+            announced = 0
+        if announced > limit:
+            raise BodyTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def media_type(content_type: str | None) -> str:
+    """``multipart/form-data; boundary=...`` -> ``multipart/form-data``; missing -> JSON (curl's ``-d`` default
+    is form-urlencoded, which no ECG is, so only an absent header falls back)."""
+    return (content_type or JSON_TYPE).split(";", 1)[0].strip().lower()
+
+
+def _json_rejection(err: ValidationError) -> Rejection:
+    """A schema error on the envelope, in the rejection vocabulary (the field decides the code)."""
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    code = {"fs": "bad_fs", "lead_names": "unknown_lead", "signal": "bad_shape"}.get(field, "bad_file")
+    where = ".".join(str(part) for part in first["loc"])
+    return Rejection(code, where or "body", f"{where or 'body'}: {first['msg']}")
+
+
+def record_from_json(body: bytes) -> Record:
+    """A `ScoreRequest` body -> validated `Record`; the signal goes to numpy, the rest through the schema."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise Rejection("bad_file", "json", f"the body is not valid JSON: {err}") from None
+    if not isinstance(payload, dict):
+        raise Rejection("bad_file", "json", "the body must be a JSON object with signal, fs and lead_names")
+    signal = payload.get("signal")
+    if not isinstance(signal, list):
+        raise Rejection("bad_shape", "signal", "signal must be a list of lists (leads x samples)")
+    try:
+        envelope = ScoreRequest.model_validate({**payload, "signal": []})
+    except ValidationError as err:
+        raise _json_rejection(err) from None
+    record = record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id)
+    return validate(record)
+
+
+def parse_fs(value: str | None) -> float | None:
+    """A rate from a query parameter or header; text that is not a number is a ``bad_fs`` rejection, not a 500."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise Rejection("bad_fs", f"not a number: {value!r}") from None
+
+
+def parse_lead_names(value: str | None) -> tuple[str, ...] | None:
+    """``I,II,III,...`` (commas, optional spaces) from a query parameter or header."""
+    if value is None or not value.strip():
+        return None
+    return tuple(name.strip() for name in value.split(","))
+
+
+def record_from_npy(body: bytes, fs: float | None, lead_names: Sequence[str] | None, record_id: str = "") -> Record:
+    """An ``.npy`` body (never pickles) -> validated `Record`."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise Rejection("bad_file", "npy", f"the body is not an .npy array: {err}") from None
+    if fs is None:
+        raise Rejection("bad_fs", "missing", "give fs as a query parameter or an X-ECG-FS header")
+    return validate(record_from_array(array, fs, lead_names, record_id=record_id))
+
+
+def _pick_record_file(names: Sequence[str]) -> str:
+    """The one file that names the record: the ``.hea`` of a WFDB upload, else a single CSV/NPY/NPZ."""
+    headers = [n for n in names if n.lower().endswith(".hea")]
+    candidates = headers or [n for n in names if n.lower().endswith(_RECORD_SUFFIXES)]
+    if len(candidates) != 1:
+        found = ", ".join(names) or "no files"
+        raise Rejection("bad_file", "upload", "upload the files of exactly one record (a .hea with its .dat/.mat, "
+                                              f"or one .csv/.npy), got: {found}")
+    return candidates[0]
+
+
+def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
+                      lead_names: Sequence[str] | None) -> Record:
+    """Uploaded ``(filename, content)`` pairs of one record -> validated `Record`.
+
+    The files keep their names (a WFDB header names its signal files) but lose any directory part, and are written
+    to a fresh temporary folder that is removed afterwards.
+    """
+    named: dict[str, bytes] = {}
+    for filename, content in files:
+        name = Path(filename.replace("\\", "/")).name
+        if not name or name.startswith(".") or Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
+            raise Rejection("bad_file", "upload", f"unsupported upload {filename!r}; accepted: "
+                                                  + " ".join(sorted(UPLOAD_SUFFIXES)))
+        named[name] = content
+    main = _pick_record_file(list(named))
+    with tempfile.TemporaryDirectory(prefix="ecgad-upload-") as tmp:
+        for name, content in named.items():
+            (Path(tmp) / name).write_bytes(content)
+        record = read_record(Path(tmp) / main, fs=fs, lead_names=lead_names)
+    record.metadata.pop("path", None)           # a temporary path means nothing to the client
+    return validate(record)
+
+
+def parse_map_spec(spec: str) -> int | None:
+    """``none`` -> None (no map), ``full`` -> 1, ``downsample=N`` -> N (input samples per map column)."""
+    match = _MAP_SPEC.match(spec)
+    if match is None:
+        raise ValueError(f"map must be none, full or downsample=N, got {spec!r}")
+    if match.group(1) == "none":
+        return None
+    return int(match.group(2)) if match.group(2) else 1
+
+
+def shape_map(anomaly_map: np.ndarray, step: int) -> np.ndarray:
+    """Downsample ``(leads, samples)`` by ``step`` with a block *maximum*: averaging would dilute a short anomaly
+    (one beat's ST segment) into its neighbourhood, and the maximum is what a viewer needs to draw it."""
+    if step == 1:
+        return anomaly_map
+    leads, samples = anomaly_map.shape
+    pad = (-samples) % step
+    padded = np.pad(anomaly_map, ((0, 0), (0, pad)), mode="edge") if pad else anomaly_map
+    return padded.reshape(leads, -1, step).max(axis=2)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str, Any]:
+    """The `serve.schemas.ScoreResponse` of one record, as a dict ready for ``json.dumps``."""
+    anomaly_map = None
+    if step is not None and scores.anomaly_map is not None:
+        anomaly_map = shape_map(np.asarray(scores.anomaly_map, dtype=np.float32), step).tolist()
+    return {
+        "record_id": scores.record_id,
+        "pred_score": float(scores.pred_score),
+        "pred_label": bool(scores.pred_label),
+        "threshold": _finite(scores.threshold),
+        "anomaly_map": anomaly_map,
+        "map_step": step if anomaly_map is not None else None,
+        "r_peaks": [int(r) for r in scores.r_peaks],
+        "beats_used": int(scores.beats_used),
+        "windows_scored": int(scores.windows_scored),
+        "warnings": list(scores.warnings),
+        "model_version": model_version,
+    }
+
+
+def plot_png(record: Record, scores: Scores, dpi: int = 100) -> bytes:
+    """The clinical 12-lead plot of ``record`` with its anomaly map, as PNG bytes (the CLI's ``--plot`` title)."""
+    label = "anomalous" if scores.pred_label else "normal"
+    threshold = f"{scores.threshold:.4g}" if math.isfinite(scores.threshold) else "not calibrated"
+    title = f"{record.record_id or 'ECG'}: score {scores.pred_score:.4g} ({label}, threshold {threshold})"
+    figure = plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map, title=title,
+                      lead_names=record.lead_names)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def rejection_body(rejection: Rejection) -> dict[str, Any]:
+    """The 422 body (`serve.schemas.RejectionBody`)."""
+    return {"detail": {"reason": rejection.reason, "code": rejection.code, "message": rejection.message}}
