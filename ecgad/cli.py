@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,8 +74,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_train_local(args: argparse.Namespace) -> int:
     from ecgad.train import train_local
 
-    out = train_local(Path(args.data), Path(args.out), config=args.config, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed, device=args.device)
+    try:
+        out = train_local(Path(args.data), Path(args.out), config=args.config, epochs=args.epochs,
+                          batch_size=args.batch_size, seed=args.seed, device=args.device, lr=args.lr)
+    except ValueError as err:   # unusable data or arguments (train_local says which)
+        raise CLIError(str(err)) from err
     print(f"checkpoint written to {out}")
     return 0
 
@@ -127,7 +131,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"ecgad: {path}: rejected: {outcome.reason} ({outcome.message})", file=sys.stderr)
         else:
             row = {"path": str(path), "status": "ok", "reason": "", "pred_score": float(outcome.pred_score),
-                   "pred_label": bool(outcome.pred_label), "threshold": float(outcome.threshold),
+                   "pred_label": bool(outcome.pred_label),
+                   "threshold": float(outcome.threshold) if math.isfinite(outcome.threshold) else None,
                    "beats_used": outcome.beats_used}
             if maps_dir is not None and outcome.anomaly_map is not None:
                 np.save(maps_dir / f"{path.stem}.npy", outcome.anomaly_map.astype(np.float32))
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=["small", "paper"], default="small")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the cosine schedule (paper: 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.set_defaults(handler=cmd_train_local)
@@ -243,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ecgad.checkpoint import CheckpointError
+    from ecgad.download import DownloadError
     from ecgad.types import Rejection
 
     parser = build_parser()
@@ -253,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "passthrough", False):
             return args.handler(args, rest)
         return args.handler(args)
-    except (CLIError, Rejection, FileNotFoundError) as err:
+    except (CLIError, Rejection, FileNotFoundError, CheckpointError, DownloadError) as err:
         print(f"ecgad {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ecgad.cli import main
@@ -45,3 +46,56 @@ def test_unknown_option_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "x.hea", "--no-such-flag"])
     assert exit_info.value.code == 2
+
+
+def test_train_local_then_score_with_json_maps_and_plot(tmp_path, capsys, sample_data):
+    data, ckpt = tmp_path / "synth", tmp_path / "ckpt"
+    assert main(["synth", "--out", str(data), "--n", "30", "--seed", "4"]) == 0
+    assert main(["train-local", "--data", str(data), "--out", str(ckpt), "--config", "small", "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    assert (ckpt / "weights.pt").is_file() and (ckpt / "config.json").is_file()
+    capsys.readouterr()
+
+    long_record = sample_data / "other_12lead" / "ptbdb" / "s0010_re.hea"     # 1000 Hz, 38.4 s
+    hundred_hz = sample_data / "ptbxl" / "records100" / "00000" / "00001_lr.hea"
+    bad = tmp_path / "noise.dat"
+    bad.write_bytes(bytes(range(256)) * 4)
+    code = main(["score", str(long_record), str(hundred_hz), str(bad), "--checkpoint", str(ckpt), "--json",
+                 "--maps", str(tmp_path / "maps"), "--plot", str(tmp_path / "plot.png")])
+    captured = capsys.readouterr()
+    assert code == 1 and "noise.dat: rejected: bad_file" in captured.err      # one record rejected: exit 1
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok", "rejected"]
+    assert all({"path", "status", "reason", "pred_score", "pred_label"} <= set(r) for r in rows)
+    assert rows[0]["pred_score"] > 0 and isinstance(rows[0]["pred_label"], bool) and rows[2]["pred_score"] is None
+    # Maps on each record's own time axis: leads x samples at its own rate.
+    assert np.load(tmp_path / "maps" / "s0010_re.npy").shape == (12, 38400)
+    assert np.load(tmp_path / "maps" / "00001_lr.npy").shape == (12, 1000)
+    assert (tmp_path / "plot_s0010_re.png").stat().st_size > 10_000 and (tmp_path / "plot_00001_lr.png").is_file()
+
+
+def test_score_with_a_bad_checkpoint_is_a_one_line_error(tmp_path, capsys, sample_data):
+    record = sample_data / "ptbxl" / "records100" / "00000" / "00001_lr.hea"
+    assert main(["score", str(record), "--checkpoint", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ecgad score: error:") and "not an ecgad checkpoint" in err and "Traceback" not in err
+
+
+def test_train_local_on_data_without_training_normals_is_a_one_line_error(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "tiny"), "--n", "2"]) == 0
+    assert main(["train-local", "--data", str(tmp_path / "tiny"), "--out", str(tmp_path / "ckpt"),
+                 "--epochs", "1"]) == 1
+    assert "fewer than 2 usable training normals" in capsys.readouterr().err
+
+
+def test_import_published_checkpoint_then_score(tmp_path, capsys, reference_mcf, sample_data):
+    out = tmp_path / "imported"
+    assert main(["import-checkpoint", str(reference_mcf / "state_dict_fp16.pt"), "--out", str(out)]) == 0
+    record = sample_data / "ptbxl" / "records500" / "06000" / "06000_hr.hea"
+    capsys.readouterr()
+    assert main(["score", str(record), "--checkpoint", str(out), "--json", "--mode", "fast"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["status"] == "ok" and np.isfinite(row["pred_score"])
+    assert row["threshold"] is None           # the published weights come without a calibrated threshold
+    assert main(["import-checkpoint", str(record), "--out", str(tmp_path / "x")]) == 1
+    assert "cannot read published checkpoint" in capsys.readouterr().err
