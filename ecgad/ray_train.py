@@ -44,6 +44,7 @@ from ray.train import DataConfig
 from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig
 from ecgad.shards import training_arrays
+from ecgad.train import BASE_LR
 
 #: Optimizer state, epoch and history, next to the model files in every reported checkpoint.
 TRAIN_STATE_FILE = "train_state.pt"
@@ -63,6 +64,7 @@ class TrainSettings:
     prep_config: dict[str, Any] = field(default_factory=lambda: PrepConfig().to_dict())
     epochs: int = 50
     batch_size: int = 32
+    lr: float = BASE_LR                  # peak of the per-epoch cosine schedule (the paper's 1e-4)
     seed: int = 0
     select_by: str = "val_loss"          # a key of SELECTION_ORDER
     threshold_quantile: float = 0.95
@@ -80,8 +82,13 @@ class TrainSettings:
 
 
 def _log(message: str) -> None:
-    """One line on stdout; Ray forwards worker output to the driver, so it shows in ``ray job logs``."""
-    print(f"{time.strftime('%H:%M:%S')} ecgad.ray_train: {message}", file=sys.stdout, flush=True)
+    """One line on stdout; Ray forwards worker output to the driver, so it shows in ``ray job logs``.
+
+    Written to the stream, not with ``print``: Ray Train patches ``print`` in its workers to tee each message to
+    the stream *and* to the root logger, which reaches the driver as a second copy of every line.
+    """
+    sys.stdout.write(f"{time.strftime('%H:%M:%S')} ecgad.ray_train: {message}\n")
+    sys.stdout.flush()
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -249,8 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_seed(settings.seed)    # the same initial weights on every worker (DDP also broadcasts rank 0's)
     model, state = _resume(settings)
     model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(model)
-    base_lr = optimizer.param_groups[0]["lr"]
+    optimizer = make_optimizer(model, lr=settings.lr)
     start_epoch, history = 0, []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -261,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(start_epoch, settings.epochs):
-        lr = lr_for_epoch(epoch, settings.epochs, base_lr)
+        lr = lr_for_epoch(epoch, settings.epochs, settings.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = _epoch_generator(settings.seed, epoch, rank)

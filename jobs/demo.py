@@ -126,7 +126,7 @@ def main() -> int:
           [PY, "-m", "jobs.preprocess", "--data", str(data_root), "--out", str(shards)])
     _step("train (Ray Train, 2 workers)",
           [PY, "-m", "jobs.train", "--data", str(shards), "--out", str(run), "--num-workers", "2",
-           "--config", "small", "--epochs", epochs, "--name", "demo"])
+           "--cpus-per-worker", "0.5", "--config", "small", "--epochs", epochs, "--name", "demo"])
     checkpoint = run / "best"
     _step("evaluate (Ray Data batch inference on fold 10)",
           [PY, "-m", "jobs.evaluate", "--checkpoint", str(checkpoint), "--data", str(data_root), "--fold", "10",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from typing import Sequence
 from ecgad.model import MCFConfig
 from ecgad.ray_train import SELECTION_ORDER, TrainSettings
 from ecgad.shards import VALIDATION_FOLD, ShardLayout
+from ecgad.train import BASE_LR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=["small", "paper"], default="paper")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    parser.add_argument("--lr", type=float, default=BASE_LR,
+                        help="peak learning rate of the per-epoch cosine schedule (the paper's 1e-4)")
     parser.add_argument("--name", default="train", help="Ray run name; the same name resumes that run")
     parser.add_argument("--storage-path", default=None,
                         help="where Ray keeps the run (default: --out); shared storage (EFS, s3://) on a cluster")
@@ -65,6 +69,17 @@ def select_by(choice: str, manifest: dict) -> str:
     return "val_auroc" if both else "val_loss"
 
 
+def cpu_shortage(num_workers: int, cpus_per_worker: float, cluster_cpus: float) -> str | None:
+    """Why training would wait forever on this cluster, or None: Ray Data's tasks that list and read the shards
+    each need a whole CPU the workers have not reserved (on a 2-CPU laptop, 2 workers of 1 CPU leave none)."""
+    spare = cluster_cpus - num_workers * cpus_per_worker
+    if spare >= 1:
+        return None
+    return (f"{num_workers} workers of {cpus_per_worker:g} CPUs leave {max(spare, 0):g} of this cluster's "
+            f"{cluster_cpus:g} CPUs free, and Ray Data needs a whole free CPU to read the shards: lower "
+            f"--cpus-per-worker (e.g. {max(0.1, (cluster_cpus - 1) / num_workers):.2g}) or --num-workers")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -85,11 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     settings = TrainSettings(
         model_config=model_config.to_dict(), prep_config=manifest["prep_config"], epochs=args.epochs,
-        batch_size=args.batch_size, seed=args.seed, select_by=select_by(args.select_by, manifest),
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, select_by=select_by(args.select_by, manifest),
         threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, fail_at_epoch=args.fail_at_epoch,
         failure_marker=str(out / f".{args.name}.injected-failure") if args.fail_at_epoch is not None else None)
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    problem = cpu_shortage(args.num_workers, args.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0))
+    if problem and local:
+        print(f"train: error: {problem}", file=sys.stderr)
+        return 2
+    if problem:   # an autoscaling cluster may still add nodes
+        print(f"train: warning: {problem}", file=sys.stderr)
     summary = fit(args.data, out, settings, num_workers=args.num_workers, use_gpu=args.use_gpu,
                   cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy, name=args.name,
                   storage_path=args.storage_path, max_failures=args.max_failures, num_to_keep=args.keep)

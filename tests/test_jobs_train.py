@@ -122,15 +122,8 @@ def _latest_checkpoint(run: Path) -> str | None:
 
 
 def _epochs(output: str) -> tuple[list[int], list[int]]:
-    """Epochs reported and resumed after, in order, from a driver's output.
-
-    On a simulated cluster every node's log monitor tails the same log folder, so a worker's line can reach the
-    driver once per node. Those copies are identical to the letter (the same worker pid and time stamp), so they are
-    dropped; an epoch really trained twice comes from another worker process, or another second, and still counts.
-    """
-    lines = "\n".join(dict.fromkeys(output.splitlines()))
-    return ([int(m.group(1)) for m in EPOCH_LINE.finditer(lines)],
-            [int(m.group(1)) for m in RESUME_LINE.finditer(lines)])
+    return ([int(m.group(1)) for m in EPOCH_LINE.finditer(output)],
+            [int(m.group(1)) for m in RESUME_LINE.finditer(output)])
 
 
 def test_two_workers_on_two_nodes_stream_shards_and_export_a_scorer_checkpoint(data, tmp_path, capfd):
@@ -206,3 +199,12 @@ def test_a_killed_driver_resumes_without_repeating_or_skipping_epochs(cluster, d
     summary = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [0, 1, 2, 3]
     assert np.isfinite([e["train_loss"] for e in summary["epochs"]]).all()
+
+
+def test_a_cluster_without_a_cpu_for_ray_data_is_refused_up_front():
+    from jobs.train import cpu_shortage
+
+    problem = cpu_shortage(2, 1.0, 2.0)            # two 1-CPU workers on a 2-CPU laptop: the reads would never run
+    assert problem and "--cpus-per-worker (e.g. 0.5)" in problem
+    assert cpu_shortage(2, 0.5, 2.0) is None and cpu_shortage(1, 1.0, 2.0) is None
+    assert cpu_shortage(4, 4.0, 16.0) is not None and cpu_shortage(4, 3.0, 16.0) is None
