@@ -59,7 +59,7 @@ from ray.data.expressions import col
 from ecgad.config import PrepConfig
 from ecgad.ray_data import failure_fields, prepare_path
 from ecgad.rows import row_to_prepared
-from ecgad.types import Prepared, Scores
+from ecgad.types import Prepared
 
 #: Records per committed chunk: the unit of resumption (work lost to a kill) and of output files. 128 records make
 #: files of ~10 kB of results (~1.5 MB of maps), few enough files for 10^6 records, and a prepared chunk of ~60 MB.
@@ -408,6 +408,8 @@ class ScorerActor:
                          "maps": pa.array(maps, pa.large_binary())}, schema=SCORED_CHUNK_SCHEMA)
 
     def score_chunk(self, prepared_rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+        from ecgad.scoring import score_isolated
+
         version = self.scorer.model_version
         results, todo = [], []
         for row in prepared_rows.to_pylist():
@@ -420,7 +422,8 @@ class ScorerActor:
         maps = []
         for start in range(0, len(todo), self.batch_size):
             part = todo[start:start + self.batch_size]
-            for (result, prepared), outcome in zip(part, self._score([p for _, p in part])):
+            outcomes = score_isolated(self.scorer, [p for _, p in part], self.with_maps)
+            for (result, prepared), outcome in zip(part, outcomes):
                 if isinstance(outcome, BaseException):
                     result.update(failure_fields(outcome))
                     continue
@@ -430,14 +433,6 @@ class ScorerActor:
                     maps.append(_map_row(result["record_id"], prepared, outcome.anomaly_map))
         return (pa.Table.from_pylist(results, schema=RESULT_SCHEMA),
                 pa.Table.from_pylist(maps, schema=MAP_SCHEMA))
-
-    def _score(self, prepared: list[Prepared]) -> list[Scores | BaseException]:
-        try:
-            return list(self.scorer.score_prepared(prepared, with_maps=self.with_maps))
-        except Exception as exc:
-            if len(prepared) == 1:
-                return [exc]
-            return [outcome for p in prepared for outcome in self._score([p])]
 
 
 # -- commit (datasink) -------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ecgad import __version__
+from ecgad.atomic import replace_directory
 from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig, load_published_state_dict
 from ecgad.settings import REPO_ROOT
@@ -123,14 +123,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config:
             "metadata": metadata or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_to_json, allow_nan=False) + "\n")
-        if directory.exists():
-            # Directories cannot be renamed over non-empty ones: move the old one aside first, drop it after.
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -210,6 +210,8 @@ class RowScorer:
         self.with_maps = with_maps
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from ecgad.scoring import score_isolated
+
         rows = batch.to_pylist()
         out = [{"record_id": r["record_id"], "status": r["status"], "reason": r["reason"], "pred_score": None,
                 "pred_label": None, "beats_used": None, "anomaly_map": None, "map_samples": None} for r in rows]
@@ -220,7 +222,8 @@ class RowScorer:
                     todo.append((result, row_to_prepared(row)))
                 except Exception as exc:
                     result.update(failure_fields(exc))
-        for result, outcome in zip((r for r, _ in todo), self._score([p for _, p in todo])):
+        outcomes = score_isolated(self.scorer, [p for _, p in todo], self.with_maps)
+        for result, outcome in zip((r for r, _ in todo), outcomes):
             if isinstance(outcome, BaseException):
                 result.update(failure_fields(outcome))
                 continue
@@ -234,16 +237,6 @@ class RowScorer:
             if name not in table.column_names and name not in self.PAYLOAD:
                 table = table.append_column(name, batch.column(name))
         return table
-
-    def _score(self, prepared: list) -> list:
-        if not prepared:
-            return []
-        try:
-            return list(self.scorer.score_prepared(prepared, with_maps=self.with_maps))
-        except Exception as exc:
-            if len(prepared) == 1:
-                return [exc]
-            return [outcome for p in prepared for outcome in self._score([p])]
 
 
 def score_map(row: dict[str, Any], n_leads: int = 12) -> np.ndarray | None:

@@ -377,7 +377,7 @@ def export_checkpoint(checkpoint, target: Path):
     import shutil
 
     from ecgad.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-    from ecgad.shards import replace_directory
+    from ecgad.atomic import replace_directory
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

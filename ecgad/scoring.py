@@ -473,3 +473,15 @@ class Scorer:
                 restore_global(f_g_mean[chunk], rows if model.config.trend_from_masked else rows // passes,
                                rows // passes)
         return acc.result(cfg)
+
+
+def score_isolated(scorer: Scorer, prepared: Sequence[Prepared], with_maps: bool = True) -> list[Scores | Exception]:
+    """``scorer.score_prepared``, but a record that makes the model raise costs only itself: when the batch call
+    fails, each record is scored alone, and a record's own exception takes its place in the result. Batch jobs use
+    it so that one bad record never fails a block; nothing costs more than one call while nothing fails."""
+    try:
+        return list(scorer.score_prepared(prepared, with_maps=with_maps)) if prepared else []
+    except Exception as exc:
+        if len(prepared) == 1:
+            return [exc]
+    return [outcome for record in prepared for outcome in score_isolated(scorer, [record], with_maps)]

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,19 +181,6 @@ def summarize(records_dir: Path) -> tuple[dict[str, Any], pa.Table]:
     }
     mask = np.array([s != "ok" for s in status], dtype=bool)
     return counts, small.filter(pa.array(mask))
-
-
-def replace_directory(new: Path, final: Path) -> None:
-    """Put the finished directory ``new`` at ``final`` (a sibling), replacing whatever is there, so a reader sees
-    the old complete directory or the new complete one, never a mixture. Directories cannot be renamed over
-    non-empty ones, so the old one is moved aside first and deleted last."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, final)
 
 
 # -- what training takes from a row ------------------------------------------------------------------------------

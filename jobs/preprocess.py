@@ -31,7 +31,8 @@ from typing import Sequence
 import pyarrow.parquet as pq
 
 from ecgad.config import PrepConfig
-from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, replace_directory, summarize
+from ecgad.atomic import replace_directory
+from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
