@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,21 +23,13 @@ from ecgad.preprocess import extract_beats, find_r_peaks, prepare
 from ecgad.settings import sample_data_dir
 from ecgad.types import LEADS, MODEL_FS, Prepared, Rejection
 from ecgad.validate import validate
+from _timing import best_seconds
 
 with warnings.catch_warnings():  # heartpy imports the deprecated pkg_resources
     warnings.simplefilter("ignore")
     import heartpy as hp
 
 LEAD_II = LEADS.index("II")
-
-
-def _best_seconds(run: Callable[[], None], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -62,10 +52,10 @@ def main() -> None:
             except Rejection as rejection:
                 rejected[header.stem] = rejection.reason
 
-    pipeline_s = _best_seconds(pipeline, args.repeats)
-    read_s = _best_seconds(lambda: [read_record(h) for h in headers], args.repeats)
+    pipeline_s = best_seconds(pipeline, args.repeats)
+    read_s = best_seconds(lambda: [read_record(h) for h in headers], args.repeats)
     records = [read_record(h) for h in prepared]  # the ones that pass validate and prepare
-    prepare_s = _best_seconds(lambda: [prepare(r) for r in records], args.repeats)
+    prepare_s = best_seconds(lambda: [prepare(r) for r in records], args.repeats)
 
     # prepare runs its chain in float64 and stores float32 windows; time both detectors on float64, as prepare does.
     windows = [w.signal.astype(np.float64) for p in prepared.values() for w in p.windows]
@@ -87,9 +77,9 @@ def main() -> None:
                 except hp.exceptions.BadSignalWarning:
                     pass
 
-    peaks_s = _best_seconds(peaks_only, args.repeats)
-    ours_s = _best_seconds(ours, args.repeats)
-    heartpy_s = _best_seconds(heartpy, args.repeats)
+    peaks_s = best_seconds(peaks_only, args.repeats)
+    ours_s = best_seconds(ours, args.repeats)
+    heartpy_s = best_seconds(heartpy, args.repeats)
 
     n = len(headers)
     print(f"records: {n} ({len(windows)} windows of 10 s); rejected: {rejected or 'none'}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from typing import Callable
 
 import torch
@@ -27,15 +26,7 @@ from ecgad.ptbxl import list_record_files
 from ecgad.scoring import Scorer, oracle_score_window
 from ecgad.settings import sample_data_dir
 from ecgad.types import Rejection
-
-
-def _best_seconds(run: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+from _timing import best_seconds
 
 
 def _ten_second_records(limit: int | None = None) -> list:
@@ -96,11 +87,11 @@ def main() -> None:
     full.score_prepared(subset[:1])  # warm-up (allocator, kernel selection)
     fast.score_prepared(subset[:1])
     oracle(subset[0].windows[0])()
-    oracle_s = sum(_best_seconds(oracle(w), args.repeats) for record in subset for w in record.windows)
-    full_s = _best_seconds(synchronized(lambda: full.score_prepared(subset)), args.repeats)
-    fast_s = _best_seconds(synchronized(lambda: fast.score_prepared(subset)), args.repeats)
-    full_all_s = _best_seconds(synchronized(lambda: full.score_prepared(records)), 1)
-    fast_all_s = _best_seconds(synchronized(lambda: fast.score_prepared(records)), 1)
+    oracle_s = sum(best_seconds(oracle(w), args.repeats) for record in subset for w in record.windows)
+    full_s = best_seconds(synchronized(lambda: full.score_prepared(subset)), args.repeats)
+    fast_s = best_seconds(synchronized(lambda: fast.score_prepared(subset)), args.repeats)
+    full_all_s = best_seconds(synchronized(lambda: full.score_prepared(records)), 1)
+    fast_all_s = best_seconds(synchronized(lambda: fast.score_prepared(records)), 1)
 
     result = {
         "device": str(device),

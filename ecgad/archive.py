@@ -506,7 +506,8 @@ def summarize(layout: ArchiveLayout) -> dict[str, Any]:
 
 def scoring_pipeline(chunks: ray.data.Dataset, checkpoint: Path, prep_config: PrepConfig, *, maps: bool,
                      batch_size: int, chunk_size: int, num_scorers: int, min_scorers: int, use_gpu: bool, mode: str,
-                     scorer_cpus: float, default_fs: float | None) -> ray.data.Dataset:
+                     scorer_cpus: float, default_fs: float | None,
+                     scorer_threads: int | None = None) -> ray.data.Dataset:
     """Chunk rows -> scored chunk rows: prepare in CPU tasks, score in an autoscaling pool of model actors."""
     return (
         chunks.repartition(target_num_rows_per_block=1)   # one chunk per block, so chunks spread over tasks
@@ -518,7 +519,8 @@ def scoring_pipeline(chunks: ray.data.Dataset, checkpoint: Path, prep_config: Pr
                      num_cpus=scorer_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"checkpoint": str(checkpoint), "mode": mode,
                                             "device": "cuda" if use_gpu else "cpu", "with_maps": maps,
-                                            "batch_size": batch_size, "threads": max(1, math.floor(scorer_cpus))}))
+                                            "batch_size": batch_size,
+                                            "threads": scorer_threads or max(1, math.floor(scorer_cpus))}))
 
 
 class ArchiveJobFailed(Exception):
@@ -551,6 +553,7 @@ def _execute(pipeline: ray.data.Dataset, sink: ChunkSink) -> None:
 def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Path, *, maps: bool = False,
                   batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE, num_scorers: int = 1,
                   min_scorers: int = 1, use_gpu: bool = False, mode: str = "full", scorer_cpus: float = 1.0,
+                  scorer_threads: int | None = None,
                   default_fs: float | None = None, fail_after_chunks: int | None = None) -> dict[str, Any]:
     """Score every record under ``input_path`` into ``out`` (module docstring); returns the summary it writes.
 
@@ -591,7 +594,8 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
             chunks = chunks.filter(expr=col("chunk").not_in(sorted(committed)))
         _execute(scoring_pipeline(chunks, checkpoint, prep_config, maps=maps, batch_size=batch_size,
                                   chunk_size=chunk_size, num_scorers=num_scorers, min_scorers=min_scorers,
-                                  use_gpu=use_gpu, mode=mode, scorer_cpus=scorer_cpus, default_fs=default_fs),
+                                  use_gpu=use_gpu, mode=mode, scorer_cpus=scorer_cpus, default_fs=default_fs,
+                                  scorer_threads=scorer_threads),
                  sink)
 
     wall = time.perf_counter() - started

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per committed output file: the unit of resumption")
     parser.add_argument("--num-scorers", type=int, default=1, help="most model actors (the pool grows to it)")
     parser.add_argument("--min-scorers", type=int, default=1, help="fewest model actors")
-    parser.add_argument("--scorer-cpus", type=float, default=1.0, help="CPUs per model actor (torch threads)")
+    parser.add_argument("--scorer-cpus", type=float, default=1.0, help="CPUs Ray reserves per model actor")
+    parser.add_argument("--scorer-threads", type=int, default=None,
+                        help="torch threads per model actor on CPU (default: --scorer-cpus, rounded down). On a node "
+                             "where the model is the bottleneck, the node's core count uses the cores the "
+                             "preparation tasks leave idle")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     parser.add_argument("--mode", choices=["full", "fast"], default="full",
                         help="full: the published protocol's score; fast: the documented cheaper one")
@@ -58,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = score_archive(args.input, args.checkpoint, args.out, maps=args.maps, batch_size=args.batch_size,
                                 chunk_size=args.chunk_size, num_scorers=args.num_scorers,
                                 min_scorers=args.min_scorers, use_gpu=args.use_gpu, mode=args.mode,
-                                scorer_cpus=args.scorer_cpus, default_fs=args.fs,
+                                scorer_cpus=args.scorer_cpus, scorer_threads=args.scorer_threads, default_fs=args.fs,
                                 fail_after_chunks=args.fail_after_chunks)
     except (ArchiveError, CheckpointError) as err:
         print(f"score_archive: error: {err}", file=sys.stderr)
