@@ -41,7 +41,8 @@ import torch
 
 from ecgad.model import MCF, MCFConfig
 from ecgad.ray_train import TrainSettings
-from ecgad.shards import TRAIN_FOLDS, TRAINING_COLUMNS, ShardLayout, training_arrays
+from ecgad.ptbxl import TRAIN_FOLDS
+from ecgad.shards import TRAINING_COLUMNS, ShardLayout, training_arrays
 from ecgad.synth_dataset import write_dataset
 from ecgad.train import lr_for_epoch, make_optimizer, set_lr, set_seed, train_step
 

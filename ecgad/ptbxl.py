@@ -25,6 +25,11 @@ from ecgad.types import Record
 log = logging.getLogger(__name__)
 
 #: Metadata tables at the top of a PTB-XL root and label tables next to record sets: never ECGs themselves.
+#: PTB-XL's folds as mcf-method.md "Our decisions" 4 uses them: train on the normals of 1-8, select on 9, test on 10.
+TRAIN_FOLDS = (1, 2, 3, 4, 5, 6, 7, 8)
+VALIDATION_FOLD = 9
+TEST_FOLD = 10
+
 _TABLE_NAMES = frozenset({"ptbxl_database.csv", "scp_statements.csv", "labels.csv"})
 _RECORD_SUFFIXES = frozenset({".hea", ".csv", ".npy", ".npz"})
 

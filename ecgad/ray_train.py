@@ -319,7 +319,8 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     from ray.train.torch import TorchTrainer
 
     from ecgad.ray_data import read_shards
-    from ecgad.shards import TRAIN_FOLDS, TRAINING_COLUMNS, VALIDATION_COLUMNS, VALIDATION_FOLD, ShardLayout
+    from ecgad.ptbxl import TRAIN_FOLDS, VALIDATION_FOLD
+    from ecgad.shards import TRAINING_COLUMNS, VALIDATION_COLUMNS, ShardLayout
 
     started = time.perf_counter()
     data, out = Path(data).resolve(), Path(out).resolve()

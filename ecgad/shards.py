@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from ecgad.config import PrepConfig
+from ecgad.ptbxl import TRAIN_FOLDS
 
 #: Bumped whenever the shard columns or their meaning change; a manifest with another version is rebuilt.
 FORMAT_VERSION = 1
@@ -80,11 +81,6 @@ INDEX_FIELDS = [
 ROW_SCHEMA = pa.schema(ROW_FIELDS)
 INDEX_SCHEMA = pa.schema(INDEX_FIELDS)
 SHARD_SCHEMA = pa.schema(ROW_FIELDS + INDEX_FIELDS)
-
-#: PTB-XL's folds as mcf-method.md "Our decisions" 4 uses them: train on the normals of 1-8, select on 9, test on 10.
-TRAIN_FOLDS = (1, 2, 3, 4, 5, 6, 7, 8)
-VALIDATION_FOLD = 9
-TEST_FOLD = 10
 
 #: The columns training reads (`training_arrays` turns them into model inputs).
 TRAINING_COLUMNS = ["record_id", "window_len", "signals", "beat_counts", "beat_len", "beats"]

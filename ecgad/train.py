@@ -40,15 +40,13 @@ from ecgad.metrics import calibrate_threshold, record_auprc, record_auroc
 from ecgad.model import MCF, MCFConfig, MCFOutput
 from ecgad.objective import restoration_loss
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import load_ptbxl_index, read_ptbxl_record
+from ecgad.ptbxl import TRAIN_FOLDS, VALIDATION_FOLD, load_ptbxl_index, read_ptbxl_record
 from ecgad.scoring import Scorer
 from ecgad.types import Prepared, Rejection
 from ecgad.validate import validate
 
 BASE_LR = 1e-4
 WEIGHT_DECAY = 1e-5
-TRAIN_FOLDS = tuple(range(1, 9))
-VAL_FOLD = 9
 THRESHOLD_QUANTILE = 0.95
 
 #: A batch is the global inputs ``(B, 12, 4800)`` and, per record, all its valid beats ``(n_i, 12, 480)``.
@@ -238,7 +236,7 @@ def load_split(data_root: str | Path, prep_config: PrepConfig, log: Callable[[st
     """
     index = load_ptbxl_index(data_root)
     train_rows = index["strat_fold"].isin(TRAIN_FOLDS) & index["is_normal"]
-    index = index[train_rows | (index["strat_fold"] == VAL_FOLD)]
+    index = index[train_rows | (index["strat_fold"] == VALIDATION_FOLD)]
     train, val, val_labels = [], [], []
     rejections: Counter = Counter()
     for i, (_, row) in enumerate(index.iterrows(), 1):
@@ -249,7 +247,7 @@ def load_split(data_root: str | Path, prep_config: PrepConfig, log: Callable[[st
             rejections[rejection.code] += 1
             continue
         prepared.metadata.update(record.metadata)
-        if row["strat_fold"] == VAL_FOLD:
+        if row["strat_fold"] == VALIDATION_FOLD:
             val.append(prepared)
             val_labels.append(0 if row["is_normal"] else 1)
         else:
@@ -295,13 +293,13 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     started = time.perf_counter()
     train, val, val_labels, rejections = load_split(data_root, prep_config, log)
     val_normals = [p for p, label in zip(val, val_labels) if label == 0]
-    log(f"data: {len(train)} training normals, fold {VAL_FOLD}: {len(val_normals)} normal + "
+    log(f"data: {len(train)} training normals, fold {VALIDATION_FOLD}: {len(val_normals)} normal + "
         f"{int(val_labels.sum())} abnormal; rejected {dict(rejections) or 0} ({time.perf_counter() - started:.0f} s)")
     if len(train) < 2:
         raise ValueError(f"{data_root}: fewer than 2 usable training normals in folds {TRAIN_FOLDS[0]}-"
                          f"{TRAIN_FOLDS[-1]}")
     if not val_normals:
-        raise ValueError(f"{data_root}: fold {VAL_FOLD} has no usable normal record to validate on and to "
+        raise ValueError(f"{data_root}: fold {VALIDATION_FOLD} has no usable normal record to validate on and to "
                          "calibrate the threshold with")
     train_globals, train_beats = _windows(train)
     val_globals, val_beats = _windows(val_normals)
@@ -337,11 +335,11 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     if scores is None:
         scores = _record_scores(model, val, prep_config, device, score_mode)
     threshold = calibrate_threshold(scores[val_labels == 0], THRESHOLD_QUANTILE)
-    selection = ({"metric": "val_auroc", "mode": "max", "reason": f"fold {VAL_FOLD} holds normal and abnormal "
+    selection = ({"metric": "val_auroc", "mode": "max", "reason": f"fold {VALIDATION_FOLD} holds normal and abnormal "
                   "records, so the detection AUROC we report is measured directly on held-out data (ties: lower "
                   "validation loss); fold 10 is never read"}
                  if use_auroc else
-                 {"metric": "val_loss", "mode": "min", "reason": f"fold {VAL_FOLD} holds no abnormal record, so "
+                 {"metric": "val_loss", "mode": "min", "reason": f"fold {VALIDATION_FOLD} holds no abnormal record, so "
                   "the restoration loss of held-out normals under the deterministic test masks is the best "
                   "available signal"})
     best_entry = history[best["epoch"]]
@@ -351,11 +349,11 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
         "autocast_dtype": str(autocast_dtype) if autocast_dtype else None,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": WEIGHT_DECAY,
                       "schedule": "lr * 0.5 * (1 + cos(pi * epoch / epochs)), per epoch, epochs from 0"},
-        "data": {"train_folds": list(TRAIN_FOLDS), "val_fold": VAL_FOLD, "train_records": len(train),
+        "data": {"train_folds": list(TRAIN_FOLDS), "val_fold": VALIDATION_FOLD, "train_records": len(train),
                  "train_windows": len(train_beats), "val_normal": len(val_normals),
                  "val_abnormal": int(val_labels.sum()), "rejections": dict(rejections)},
         "selection": {**selection, "best_epoch": best["epoch"], "best": best_entry},
-        "threshold_calibration": {"quantile": THRESHOLD_QUANTILE, "on": f"fold {VAL_FOLD} normal record scores",
+        "threshold_calibration": {"quantile": THRESHOLD_QUANTILE, "on": f"fold {VALIDATION_FOLD} normal record scores",
                                   "n": int((val_labels == 0).sum())},
         "history": history, "train_seconds": time.perf_counter() - started,
     }

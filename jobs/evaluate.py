@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ecgad.shards import TEST_FOLD
+from ecgad.ptbxl import TEST_FOLD
 
 
 def build_parser() -> argparse.ArgumentParser:

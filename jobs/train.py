@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ecgad.model import MCFConfig
+from ecgad.ptbxl import VALIDATION_FOLD
 from ecgad.ray_train import SELECTION_ORDER, TrainSettings
-from ecgad.shards import VALIDATION_FOLD, ShardLayout
+from ecgad.shards import ShardLayout
 from ecgad.train import BASE_LR
 
 

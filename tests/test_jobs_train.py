@@ -30,10 +30,9 @@ import pytest
 from ecgad.io import read_record
 from ecgad.metrics import calibrate_threshold
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import load_ptbxl_index
+from ecgad.ptbxl import VALIDATION_FOLD, load_ptbxl_index
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
-from ecgad.shards import VALIDATION_FOLD
 from ecgad.synth_dataset import write_dataset
 from ecgad.validate import validate
 
