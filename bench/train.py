@@ -93,6 +93,10 @@ def ray_train(shards: Path, out: Path, config: MCFConfig, epochs: int, batch_siz
     cpus = min(1.0, (os.cpu_count() - 1) / workers)
     summary = fit(shards, out, settings, num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
                   name=f"bench-{workers}w")
+    for e in summary["epochs"]:
+        print(f"ray {workers} worker(s), epoch {e['epoch']}: {e['train_samples_per_s']:.1f} samples/s, waited "
+              f"{e['train_data_wait_s']:.2f} s for data ({e['train_first_batch_s']:.2f} s for the first batch)",
+              flush=True)
     return [e["train_samples_per_s"] for e in summary["epochs"]]
 
 

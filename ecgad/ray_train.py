@@ -25,6 +25,7 @@ the last worker die once, mid-epoch, recorded by a marker file so the restarted 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -69,7 +70,9 @@ class TrainSettings:
     select_by: str = "val_loss"          # a key of SELECTION_ORDER
     threshold_quantile: float = 0.95
     val_mode: str = "full"               # Scorer mode for validation scores (and so for the threshold)
-    shuffle_buffer: int = 256            # rows in Ray Data's local shuffle buffer (at least one batch)
+    shuffle_buffer: int = 64             # rows in Ray Data's local shuffle buffer (at least one batch), mixing
+    #                                      shard files read in a new order every epoch (`ecgad.ray_data.read_shards`);
+    #                                      the first batch waits for the buffer to fill, so larger starts later
     fail_at_epoch: int | None = None     # testing: the last worker exits mid-way through this epoch, once
     failure_marker: str | None = None    # where that failure is recorded (shared storage)
 
@@ -277,19 +280,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=settings.batch_size, collate_fn=TrainingCollate(settings.seed, epoch, rank, prep_config),
             local_shuffle_buffer_size=max(settings.shuffle_buffer, settings.batch_size),
             local_shuffle_seed=settings.seed + 1000 * epoch + rank)
-        for step, batch in enumerate(batches):
+        waited, first_batch_s, iterator = 0.0, math.nan, iter(batches)
+        for step in itertools.count():
+            asked = time.perf_counter()
+            batch = next(iterator, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            if step == 0:
+                first_batch_s = time.perf_counter() - started
             if step == 1:
                 _maybe_fail(settings, epoch, rank, world_size)
             loss = train_step(model, optimizer, batch["global"], batch["beat"], generator)["loss"]
             loss_sum += loss * len(batch["global"])
             samples += len(batch["global"])
         train_time = time.perf_counter() - started
-        totals = _gather((loss_sum, samples, train_time, ray.get_runtime_context().get_node_id()))
+        totals = _gather((loss_sum, samples, train_time, ray.get_runtime_context().get_node_id(), waited,
+                          first_batch_s))
         metrics = {
             "epoch": epoch, "lr": lr, "workers": world_size, "nodes": len({t[3] for t in totals}),
             "train_loss": sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals)),
             "train_samples": sum(t[1] for t in totals),
             "train_samples_per_s": sum(t[1] for t in totals) / max(t[2] for t in totals),
+            # Input-bound? Time the slowest worker's loop spent waiting for batches (first one included).
+            "train_data_wait_s": max(t[4] for t in totals),
+            "train_first_batch_s": max(t[5] for t in totals),
             **_validate(model, val_shard, settings, device),
         }
         history.append(metrics)
@@ -338,7 +353,8 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=settings.select_by,
                                                checkpoint_score_order=order),
             failure_config=FailureConfig(max_failures=max_failures)),
-        datasets={"train": read_shards(data, TRAINING_COLUMNS, TRAIN_FOLDS, only_normal=True),
+        datasets={"train": read_shards(data, TRAINING_COLUMNS, TRAIN_FOLDS, only_normal=True,
+                                       shuffle_seed=settings.seed),
                   "validation": read_shards(data, VALIDATION_COLUMNS, (VALIDATION_FOLD,))},
         dataset_config=IngestConfig(),
     )

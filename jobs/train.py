@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--lr", type=float, default=BASE_LR,
                         help="peak learning rate of the per-epoch cosine schedule (the paper's 1e-4)")
+    parser.add_argument("--shuffle-buffer", type=int, default=TrainSettings.shuffle_buffer,
+                        help="rows mixed in each worker's local shuffle buffer, on top of the shard files read in a "
+                             "new order every epoch; larger mixes better, but each epoch's first batch waits for it")
     parser.add_argument("--name", default="train", help="Ray run name; the same name resumes that run")
     parser.add_argument("--storage-path", default=None,
                         help="where Ray keeps the run (default: --out); shared storage (EFS, s3://) on a cluster")
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = TrainSettings(
         model_config=model_config.to_dict(), prep_config=manifest["prep_config"], epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, select_by=select_by(args.select_by, manifest),
-        threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, fail_at_epoch=args.fail_at_epoch,
+        threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, shuffle_buffer=args.shuffle_buffer,
+        fail_at_epoch=args.fail_at_epoch,
         failure_marker=str(out / f".{args.name}.injected-failure") if args.fail_at_epoch is not None else None)
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,39 @@ def test_a_plain_folder_has_no_folds(ray_session, data_root, tmp_path):
     rows = _rows(out)
     assert len(rows) == 2 and all(r["strat_fold"] is None and r["label"] is None for r in rows.values())
     assert main(["--data", str(folder), "--out", str(folder / "inside")]) == 2
+
+
+def _one_row_per_file(shards: Path, target: Path) -> Path:
+    """A copy of ``shards`` whose records are one row per Parquet file, so the file order is the row order."""
+    shutil.copytree(shards, target)
+    records = ShardLayout(target).records
+    table = pads.dataset(records).to_table()
+    shutil.rmtree(records)
+    records.mkdir()
+    for i in range(table.num_rows):
+        pq.write_table(table.slice(i, 1), records / f"part-{i:03d}.parquet")
+    return target
+
+
+def test_training_reads_the_shard_files_in_a_new_seeded_order_every_epoch(ray_session, shards, tmp_path):
+    from ray.data import DataContext
+
+    from ecgad.ray_data import read_shards
+
+    copy = _one_row_per_file(shards, tmp_path / "shards")
+    context = DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True   # the order is then the file order, not task timing
+    try:
+        def epochs(seed: int | None, n: int = 3) -> list[list[str]]:
+            dataset = read_shards(copy, ["record_id"], list(range(1, 11)), shuffle_seed=seed)
+            return [[row["record_id"] for row in dataset.iter_rows()] for _ in range(n)]
+
+        first, again, unshuffled = epochs(0), epochs(0), epochs(None, 2)
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    assert len(first[0]) == N_RECORDS - 1   # the broken record is not a prepared row
+    assert all(sorted(epoch) == sorted(first[0]) for epoch in first + unshuffled)
+    assert first[0] != first[1] and first[1] != first[2] and first[0] != first[2]
+    assert first == again                    # seeded: a rerun reads the same orders
+    assert unshuffled[0] == unshuffled[1]
