@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-scorers", type=int, default=1, help="fewest model actors")
     parser.add_argument("--scorer-cpus", type=float, default=1.0, help="CPUs Ray reserves per model actor")
     parser.add_argument("--scorer-threads", type=int, default=None,
-                        help="torch threads per model actor on CPU (default: --scorer-cpus, rounded down). On a node "
-                             "where the model is the bottleneck, the node's core count uses the cores the "
-                             "preparation tasks leave idle")
+                        help="torch threads per model actor on CPU (default: --scorer-cpus, rounded down, at least "
+                             "1). Without a GPU, one single-thread actor per core scores fastest, with the actors "
+                             "reserving together all but one CPU for preparation: on N cores, --num-scorers N "
+                             "--scorer-cpus (N-1)/N")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per model actor")
     parser.add_argument("--mode", choices=["full", "fast"], default="full",
                         help="full: the published protocol's score; fast: the documented cheaper one")
