@@ -17,11 +17,13 @@ line is one JSON object.
 
     python bench/train.py [--records 600] [--epochs 3] [--config paper|small] [--batch-size 32] [--use-gpu]
 
-Measured on a 2-core CPU (paper config, 600 records = 336 training normals, 3 epochs): plain 20.3 samples/s, Ray
-Train 1 worker 15.8 (ratio 0.78, below the 0.9 goal), 2 workers 21.7 (1.37x one worker). The ratio grows with
-the epoch's length (0.56 with 66 normals per epoch; 0.39 with the small model's cheaper steps), which points to a
-cost paid per epoch (each epoch starts a new streaming read of the shards) that a full PTB-XL epoch (~8,000
-normals) would amortize; not measured at that scale here.
+Measured on a 2-core CPU (paper config, 600 records = 336 training normals, 3 epochs), two full runs: plain 17.3 and
+19.8 samples/s, Ray Train 1 worker 15.6 and 18.4 (ratio 0.90 and 0.93; 0.93 in a third, 1-worker run), 2 workers
+19.6 and 27.7 (1.26x and 1.50x one worker). Before ``ecgad.ray_data.read_shards`` moved to Ray Data's first Parquet
+datasource the ratio was 0.62-0.78: Ray 2.60's default one lists the shard files again at every epoch on 32 newly
+started footer-reading actors and packs the rows into three large blocks, so each epoch's first batch waited
+~6.5 s. It now waits ~1.5-2 s (printed per epoch below, from the ``train_data_wait_s`` and ``train_first_batch_s``
+metrics), the per-epoch cost of a streaming read, which longer epochs amortize (a PTB-XL epoch has ~7,000 normals).
 """
 
 from __future__ import annotations
