@@ -9,7 +9,8 @@ scores are meaningless, costs are real. Then:
   ``--batch-size`` (what a script without Ray would do), with all of this machine's cores for torch;
 - **ray 1x / ray 10x**: ``ecgad.archive.score_archive`` (what ``python -m jobs.score_archive`` runs): preparation
   in Ray tasks, scoring in the actor pool, Parquet commits. While each runs, a sampler thread reads the resident
-  memory (RSS) of this driver and every process under it (GCS, raylet, Ray Data's tasks and actors) every 0.2 s.
+  memory (RSS, and USS/PSS, `MemorySampler`) of this driver and every process under it (GCS, raylet, Ray Data's
+  tasks and actors) every 0.2 s.
 
 The pool is the CPU layout that suits this pipeline: one single-thread model actor per core, reserving together all
 but one CPU, on which the preparation tasks run. Preparation costs ~11 ms of one core per record against ~90 ms of
@@ -21,7 +22,8 @@ records/s at 10x; two single-thread actors 13.4.
 Memory is "flat" when the largest worker's and the whole tree's peak stay about the same as the archive grows ten
 times: nothing is collected on the driver, and blocks stream. Ratios: ``ratio_ray_vs_plain`` (records/s of the 10x Ray
 run against the plain loop, so that the pool's start-up is amortized; goal >= 0.8 on a 2-core machine; the 1x run's
-ratio is reported too) and ``peak_rss_ratio_10x_vs_1x`` (goal ~1). The last
+ratio is reported too) and ``peak_rss_ratio_10x_vs_1x`` (goal ~1), with the same ratios of the PSS total and of the
+largest worker's RSS and USS. The last
 line is one JSON object.
 
     python bench/archive.py [--records 48] [--size paper|small] [--mode fast|full] [--chunk-size 16]
@@ -31,6 +33,7 @@ line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -56,31 +59,48 @@ from ecgad.validate import validate
 MiB = 2**20
 
 
-class RssSampler:
-    """Peak RSS of this process and of every process under it, sampled on a thread until stopped."""
+class MemorySampler:
+    """Peak memory of this process and of every process under it, sampled on a thread until stopped.
 
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
-        self.peaks: dict[tuple[int, str], int] = defaultdict(int)
-        self.peak_total = 0
+    Two views: RSS, what the issue asks for, counts every page a process has mapped, so pages it shares (libraries,
+    and the Ray object store, whose blocks every reader maps) count once per process that touched them; USS is the
+    memory only that process holds, and PSS splits shared pages among their users, so the PSS total is the tree's
+    real footprint. A leak shows in USS; a process reading more of the object store shows only in RSS. USS and PSS
+    cost the kernel a walk of each process's page tables (Ray workers map the whole object store), so they are
+    sampled every ``full_every``-th time only, not to slow down what is measured.
+    """
+
+    def __init__(self, interval_s: float = 0.2, full_every: int = 5) -> None:
+        self.interval_s, self.full_every = interval_s, full_every
+        self.peaks: dict[str, dict[tuple[int, str], int]] = {"rss": defaultdict(int), "uss": defaultdict(int)}
+        self.peak_total = {"rss": 0, "pss": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
+        for sample in itertools.count():
+            if self._stop.is_set():
+                return
+            full = sample % self.full_every == 0
+            kinds = ("rss", "uss", "pss") if full else ("rss",)
+            total = dict.fromkeys(kinds, 0)
             for process in [me, *me.children(recursive=True)]:
                 try:
-                    rss, name = process.memory_info().rss, _role(process)
+                    memory = process.memory_full_info() if full else process.memory_info()
+                    key = (process.pid, _role(process))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                self.peaks[(process.pid, name)] = max(self.peaks[(process.pid, name)], rss)
-                total += rss
-            self.peak_total = max(self.peak_total, total)
+                for kind in kinds:
+                    value = getattr(memory, kind)
+                    total[kind] += value
+                    if kind in self.peaks:
+                        self.peaks[kind][key] = max(self.peaks[kind][key], value)
+            for kind in self.peak_total.keys() & total.keys():
+                self.peak_total[kind] = max(self.peak_total[kind], total[kind])
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> "MemorySampler":
         self._thread.start()
         return self
 
@@ -88,12 +108,12 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
-    def by_role(self) -> dict[str, float]:
-        """The largest peak (MiB) among the processes of each role."""
+    def by_role(self, kind: str = "rss") -> dict[str, float]:
+        """The largest peak (MiB) of ``kind`` (rss or uss) among the processes of each role."""
         roles: dict[str, int] = defaultdict(int)
-        for (_, role), rss in self.peaks.items():
-            roles[role] = max(roles[role], rss)
-        return {role: round(rss / MiB, 1) for role, rss in sorted(roles.items())}
+        for (_, role), value in self.peaks[kind].items():
+            roles[role] = max(roles[role], value)
+        return {role: round(value / MiB, 1) for role, value in sorted(roles.items())}
 
 
 def _role(process: psutil.Process) -> str:
@@ -127,14 +147,16 @@ def plain_loop(paths: list[Path], scorer: Scorer, batch_size: int) -> float:
 def ray_run(root: Path, checkpoint: Path, out: Path, args: argparse.Namespace) -> dict:
     from ecgad.archive import score_archive
 
-    with RssSampler() as sampler:
+    with MemorySampler() as sampler:
         summary = score_archive(root, checkpoint, out, batch_size=args.batch_size, chunk_size=args.chunk_size,
                                 num_scorers=args.num_scorers, min_scorers=args.num_scorers, mode=args.mode,
                                 scorer_cpus=args.scorer_cpus, scorer_threads=args.scorer_threads)
     if not summary["complete"]:
         raise RuntimeError(f"the archive run did not complete: {summary}")
     return {"records": summary["records"], "records_per_s": summary["records_per_s"],
-            "peak_rss_total_mib": round(sampler.peak_total / MiB, 1), "peak_rss_by_role_mib": sampler.by_role()}
+            "peak_rss_total_mib": round(sampler.peak_total["rss"] / MiB, 1),
+            "peak_pss_total_mib": round(sampler.peak_total["pss"] / MiB, 1),
+            "peak_rss_by_role_mib": sampler.by_role("rss"), "peak_uss_by_role_mib": sampler.by_role("uss")}
 
 
 def main() -> int:
@@ -177,8 +199,9 @@ def main() -> int:
         finally:
             ray.shutdown()
 
-    worker_peak = {size: max(v for k, v in run["peak_rss_by_role_mib"].items() if k.startswith("ray::"))
-                   for size, run in (("1x", one), ("10x", ten))}
+    def worker_peak(run: dict, kind: str) -> float:
+        return max(v for k, v in run[f"peak_{kind}_by_role_mib"].items() if k.startswith("ray::"))
+
     result = {
         "size": args.size, "mode": args.mode, "records_1x": one["records"], "records_10x": ten["records"],
         "plain_records_per_s": plain,
@@ -188,8 +211,12 @@ def main() -> int:
         "ratio_ray_1x_vs_plain": one["records_per_s"] / plain,
         "peak_rss_total_mib_1x": one["peak_rss_total_mib"], "peak_rss_total_mib_10x": ten["peak_rss_total_mib"],
         "peak_rss_ratio_10x_vs_1x": ten["peak_rss_total_mib"] / one["peak_rss_total_mib"],
-        "peak_worker_rss_mib_1x": worker_peak["1x"], "peak_worker_rss_mib_10x": worker_peak["10x"],
-        "peak_worker_rss_ratio_10x_vs_1x": worker_peak["10x"] / worker_peak["1x"],
+        "peak_worker_rss_mib_1x": worker_peak(one, "rss"), "peak_worker_rss_mib_10x": worker_peak(ten, "rss"),
+        "peak_worker_rss_ratio_10x_vs_1x": worker_peak(ten, "rss") / worker_peak(one, "rss"),
+        "peak_pss_total_mib_1x": one["peak_pss_total_mib"], "peak_pss_total_mib_10x": ten["peak_pss_total_mib"],
+        "peak_pss_ratio_10x_vs_1x": ten["peak_pss_total_mib"] / one["peak_pss_total_mib"],
+        "peak_worker_uss_mib_1x": worker_peak(one, "uss"), "peak_worker_uss_mib_10x": worker_peak(ten, "uss"),
+        "peak_worker_uss_ratio_10x_vs_1x": worker_peak(ten, "uss") / worker_peak(one, "uss"),
     }
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
