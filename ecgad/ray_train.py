@@ -70,7 +70,7 @@ class TrainSettings:
     select_by: str = "val_loss"          # a key of SELECTION_ORDER
     threshold_quantile: float = 0.95
     val_mode: str = "full"               # Scorer mode for validation scores (and so for the threshold)
-    shuffle_buffer: int = 64             # rows in Ray Data's local shuffle buffer (at least one batch), mixing
+    shuffle_buffer: int | None = None    # rows in Ray Data's local shuffle buffer (default two batches), mixing
     #                                      shard files read in a new order every epoch (`ecgad.ray_data.read_shards`);
     #                                      the first batch waits for the buffer to fill, so larger starts later
     fail_at_epoch: int | None = None     # testing: the last worker exits mid-way through this epoch, once
@@ -156,6 +156,27 @@ def _gather(value: Any) -> list[Any]:
     return out
 
 
+def _align_replicas(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's weights and batch-norm statistics, bit for bit, before validation.
+
+    DDP copies rank 0's buffers to the other ranks at the *start* of each forward pass, so after an epoch's last
+    step each rank's BatchNorm running statistics include its own last batch: rank 1 would validate (and score its
+    share of the fold-9 records, hence the threshold) with statistics the checkpoint, saved from rank 0, does not
+    have (measured: a threshold 2-3e-5 off the exported model's own scores). Parameters are broadcast too, so
+    nothing rests on the all-reduce giving every rank bitwise the same gradients.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        flat = torch.nn.utils.parameters_to_vector(model.parameters())
+        dist.broadcast(flat, src=0)
+        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _resume(settings: TrainSettings) -> tuple[MCF, dict[str, Any] | None]:
     """A fresh model, or the one of the latest reported checkpoint with its training state."""
     import ray.train
@@ -237,6 +258,11 @@ def _maybe_fail(settings: TrainSettings, epoch: int, rank: int, world_size: int)
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker {rank} exited during epoch {epoch}\n")
+    # Ray Train's controller collects reports when it polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # 2 s by default); a worker group that fails before the poll after a report restarts from the report before
+    # it, redoing one more epoch. Waiting out two polls makes the injected crash land after the last report is
+    # registered, so tests see the restart from the last checkpoint that real mid-epoch crashes get.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
     _log(f"fault injection: worker {rank} exits during epoch {epoch}")
     os._exit(1)
 
@@ -278,7 +304,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, samples, started = 0.0, 0, time.perf_counter()
         batches = train_shard.iter_torch_batches(
             batch_size=settings.batch_size, collate_fn=TrainingCollate(settings.seed, epoch, rank, prep_config),
-            local_shuffle_buffer_size=max(settings.shuffle_buffer, settings.batch_size),
+            local_shuffle_buffer_size=max(settings.shuffle_buffer or 2 * settings.batch_size, settings.batch_size),
             local_shuffle_seed=settings.seed + 1000 * epoch + rank)
         waited, first_batch_s, iterator = 0.0, math.nan, iter(batches)
         for step in itertools.count():
@@ -297,6 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_time = time.perf_counter() - started
         totals = _gather((loss_sum, samples, train_time, ray.get_runtime_context().get_node_id(), waited,
                           first_batch_s))
+        _align_replicas(model)
         metrics = {
             "epoch": epoch, "lr": lr, "workers": world_size, "nodes": len({t[3] for t in totals}),
             "train_loss": sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals)),

@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     parser.add_argument("--lr", type=float, default=BASE_LR,
                         help="peak learning rate of the per-epoch cosine schedule (the paper's 1e-4)")
-    parser.add_argument("--shuffle-buffer", type=int, default=TrainSettings.shuffle_buffer,
-                        help="rows mixed in each worker's local shuffle buffer, on top of the shard files read in a "
-                             "new order every epoch; larger mixes better, but each epoch's first batch waits for it")
+    parser.add_argument("--shuffle-buffer", type=int, default=None,
+                        help="rows mixed in each worker's local shuffle buffer (default: two batches), on top of the "
+                             "shard files read in a new order every epoch; larger mixes better, but each epoch's "
+                             "first batch waits for it to fill")
     parser.add_argument("--name", default="train", help="Ray run name; the same name resumes that run")
     parser.add_argument("--storage-path", default=None,
                         help="where Ray keeps the run (default: --out); shared storage (EFS, s3://) on a cluster")
