@@ -4,7 +4,8 @@ on (``max_batch_size`` 32) and off (1), for binary (``application/x-npy``) and J
 One Ray Serve application, started from ``serve/config.yaml`` like ``ecgad serve`` (one replica per deployment, queues
 large enough that nothing is refused); batching is switched by redeploying only the model's ``user_config``, so both
 settings run on the same replicas. Each client sends one real 10 s, 500 Hz PTB-XL record, waits for the answer and
-sends again (closed loop) for ``--seconds`` after a short warm-up; every answer must be 200. ``map=none`` by
+sends again (closed loop) for ``--seconds`` of steady state (`_load`: after every client had an answer); every
+answer must be 200. ``map=none`` by
 default, so the comparison is about request bodies and batching, not about serializing the 60 000-value map.
 On a shared machine the load of other processes drifts, so the batched and unbatched runs of each cell are taken
 back to back, the whole grid is run ``--repeats`` times, and each cell reports its best run (highest req/s).
@@ -59,28 +60,38 @@ def _bodies(signal: np.ndarray, fs: float) -> dict[str, tuple[bytes, dict[str, s
 
 async def _load(url: str, body: tuple[bytes, dict[str, str], dict[str, Any]], clients: int, seconds: float,
                 map_spec: str) -> dict[str, float]:
-    """``clients`` closed-loop clients for ``seconds`` (after a warm-up); throughput and latency percentiles."""
+    """``clients`` closed-loop clients; throughput and latency percentiles over ``seconds`` of steady state.
+
+    The window opens once every client has had an answer and ``WARMUP_S`` has passed: at 32 clients one round of
+    answers takes seconds, and a window opened at a fixed time after the start would measure the ramp-up (the
+    queue filling), not the service. Requests sent in the window count.
+    """
     content, headers, params = body
     params = {**params, "map": map_spec}
     latencies: list[float] = []
     failures: list[str] = []
+    answered: set[int] = set()
+    window: dict[str, float] = {}
+    start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as c:
-        async def client(record_from: float, stop: float) -> None:
-            while (now := time.perf_counter()) < stop:
+        async def client(me: int) -> None:
+            while "stop" not in window or time.perf_counter() < window["stop"]:
+                now = time.perf_counter()
                 response = await c.post("/v1/score", content=content, headers=headers, params=params)
                 if response.status_code != 200:
                     failures.append(f"{response.status_code} {response.text[:200]}")
-                elif now >= record_from:
+                elif "open" in window and now >= window["open"]:
                     latencies.append(time.perf_counter() - now)
+                answered.add(me)
+                if len(answered) == clients and "open" not in window:
+                    window["open"] = max(time.perf_counter(), start + WARMUP_S)
+                    window["stop"] = window["open"] + seconds
 
-        start = time.perf_counter()
-        await asyncio.gather(*(client(start + WARMUP_S, start + WARMUP_S + seconds) for _ in range(clients)))
-        elapsed = time.perf_counter() - start - WARMUP_S
+        await asyncio.gather(*(client(i) for i in range(clients)))
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed under load, e.g. {failures[0]}")
-    # Requests started in the window count; the last ones finish a little after it, so use the actual span.
     p50, p99 = np.percentile(latencies, [50, 99]) * 1000
-    return {"req_s": round(len(latencies) / elapsed, 2), "p50_ms": round(float(p50), 1),
+    return {"req_s": round(len(latencies) / seconds, 2), "p50_ms": round(float(p50), 1),
             "p99_ms": round(float(p99), 1), "n": len(latencies)}
 
 
@@ -111,10 +122,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: a random-init model of --size")
     parser.add_argument("--size", choices=["paper", "small"], default="paper")
     parser.add_argument("--mode", choices=["fast", "full"], default="fast")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run of a cell")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run of a cell")
     parser.add_argument("--repeats", type=int, default=2, help="runs of the whole grid; each cell keeps its best")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--map", default="none", help="map query parameter: none, full or downsample=N")
+    parser.add_argument("--model-threads", type=int, default=None,
+                        help="torch threads of the model replica (the app's cpu_threads; default: Ray's, here 1)")
     args = parser.parse_args()
 
     import logging
@@ -142,7 +155,7 @@ def main() -> None:
         queues = {"max_ongoing_requests": 64, "max_queued_requests": 1024}
 
         def deploy(user_config: dict[str, Any]) -> str:
-            config = local_config(args={"mode": args.mode}, ingress=queues,
+            config = local_config(args={"mode": args.mode, "cpu_threads": args.model_threads}, ingress=queues,
                                   model={**queues, "user_config": user_config})
             return run_local(checkpoint, port=port, config=config, blocking=False)
 

@@ -94,6 +94,11 @@ class AppArgs(BaseModel):
     mode: Literal["full", "fast"] = Field(default="full", description="Scorer mode (see ecgad.scoring)")
     device: str | None = Field(default=None, description="torch device; default cuda when the replica has a GPU")
     max_body_mb: float = Field(default=32.0, gt=0, description="larger request bodies get 413")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, le=256,
+        description="torch threads of a model replica on CPU; default: what Ray gives it (its num_cpus, rounded "
+                    "down, at least 1). The model is the costly part of a request: on a CPU-only host give it the "
+                    "cores the ingress leaves idle")
 
 
 # --------------------------------------------------------------------------------------------- model deployment
@@ -105,13 +110,16 @@ class ECGModel:
     ``max_ongoing_requests`` must be at least the batch size, or a replica never sees a full batch.
     """
 
-    def __init__(self, checkpoint: str, mode: str = "full", device: str | None = None) -> None:
+    def __init__(self, checkpoint: str, mode: str = "full", device: str | None = None,
+                 cpu_threads: int | None = None) -> None:
         import torch
 
         from ecgad.checkpoint import load_checkpoint
         from ecgad.scoring import Scorer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
         self.mode = mode
         self.checkpoint = load_checkpoint(checkpoint, device=self.device)
         self.scorer = Scorer(self.checkpoint.model, self.checkpoint.prep_config, self.checkpoint.threshold,
@@ -150,6 +158,8 @@ class ECGModel:
         await asyncio.to_thread(self._probe)
 
     def info(self) -> dict[str, Any]:
+        import torch
+
         checkpoint = self.checkpoint
         threshold = float(checkpoint.threshold)
         return {
@@ -160,6 +170,7 @@ class ECGModel:
             "threshold_quantile": checkpoint.threshold_quantile,
             "mode": self.mode,
             "device": self.device,
+            "cpu_threads": torch.get_num_threads() if self.device == "cpu" else None,
             "model_config": checkpoint.model_config.to_dict(),
             "prep_config": checkpoint.prep_config.to_dict(),
             "metadata": checkpoint.metadata,
@@ -370,7 +381,8 @@ class ECGIngress:
 
 def build_app(args: AppArgs) -> serve.Application:
     """The application ``serve deploy`` / ``serve run`` builds from the config's ``import_path`` and ``args``."""
-    model = ECGModel.bind(checkpoint=args.checkpoint, mode=args.mode, device=args.device)
+    model = ECGModel.bind(checkpoint=args.checkpoint, mode=args.mode, device=args.device,
+                          cpu_threads=args.cpu_threads)
     return ECGIngress.bind(model, checkpoint=args.checkpoint, max_body_mb=args.max_body_mb)
 
 
