@@ -63,6 +63,7 @@ class ModelInfo(BaseModel):
     threshold_quantile: float | None
     mode: str = Field(description="scoring mode: full (the published protocol) or fast")
     device: str
+    cpu_threads: int | None = Field(description="torch threads of the model replica on CPU; null on a GPU")
     model_config_: dict = Field(alias="model_config")
     prep_config: dict
     metadata: dict

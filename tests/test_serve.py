@@ -47,8 +47,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(ray_session, checkpoint):
-    config = local_config(args={"mode": "fast", "max_body_mb": MAX_BODY_MB}, ingress=INGRESS, model=MODEL,
-                          token=TOKEN, http={"request_timeout_s": 60})
+    config = local_config(args={"mode": "fast", "max_body_mb": MAX_BODY_MB, "cpu_threads": 2}, ingress=INGRESS,
+                          model=MODEL, token=TOKEN, http={"request_timeout_s": 60})
     with local_service(checkpoint, config) as url:
         yield url
 
@@ -94,6 +94,7 @@ def test_probes_model_info_and_docs(service, client):
     assert info["mode"] == "fast" and info["threshold"] == 1.0 and info["git_commit"]
     assert info["model_version"] == ready.json()["model_version"]
     assert info["batching"] == MODEL["user_config"]
+    assert info["device"] == "cpu" and info["cpu_threads"] == 2   # the app's cpu_threads, not Ray's 1 thread
     assert httpx.get(f"{service}/docs").status_code == 200
     spec = httpx.get(f"{service}/openapi.json").json()
     body_types = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
