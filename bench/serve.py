@@ -5,8 +5,8 @@ One Ray Serve application, started from ``serve/config.yaml`` like ``ecgad serve
 large enough that nothing is refused); batching is switched by redeploying only the model's ``user_config``, so both
 settings run on the same replicas. Each client sends one real 10 s, 500 Hz PTB-XL record, waits for the answer and
 sends again (closed loop) for ``--seconds`` of steady state (`_load`: after every client had an answer); every
-answer must be 200. ``map=none`` by
-default, so the comparison is about request bodies and batching, not about serializing the 60 000-value map.
+answer must be 200. ``map=none`` by default, so the comparison is about request bodies and batching, not about
+serializing the 60 000-value map.
 On a shared machine the load of other processes drifts, so the batched and unbatched runs of each cell are taken
 back to back, the whole grid is run ``--repeats`` times, and each cell reports its best run (highest req/s).
 
