@@ -1,11 +1,91 @@
-"""Replacing a directory whole, so that a reader never sees half of an old one and half of a new one."""
+"""Atomic writes: a reader (or a rerun after a kill) sees the old complete file or the new complete one, never part.
+
+Every writer of the project goes through here. A file is written under a hidden temporary name in its own folder
+(``.NAME.<random>.tmp``: no Parquet reader lists names starting with ``.``, and `remove_temporaries` can find what
+a killed run left), flushed and fsynced, then renamed over the final name; a rename within one folder is atomic on
+POSIX file systems. A directory is assembled under a temporary sibling and swapped in whole (`replace_directory`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
+
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_name(final: Path) -> Path:
+    """The hidden temporary beside ``final`` that an atomic write of it goes through."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_file(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary for writing; on a clean exit fsync it and rename it to ``final``, else delete it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(final)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(final: str | Path, data: bytes) -> None:
+    with atomic_file(final, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(final: str | Path, text: str) -> None:
+    with atomic_file(final, "w") as fh:
+        fh.write(text)
+
+
+def write_json(final: str | Path, obj: Any, **dumps: Any) -> None:
+    """``obj`` as indented, key-sorted JSON (``dumps`` overrides ``json.dumps`` options), atomically."""
+    options = {"indent": 2, "sort_keys": True, **dumps}
+    write_text(final, json.dumps(obj, **options) + "\n")
+
+
+def write_parquet(final: str | Path, table: Any, compression: str = "zstd") -> None:
+    """A pyarrow ``table`` as one Parquet file, atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_file(final, "wb") as fh:
+        pq.write_table(table, fh, compression=compression)
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporaries a killed writer left in ``folder``; returns how many. Only safe when no other writer
+    is working in that folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(TMP_SUFFIX):
+            (folder / name).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def temporary_directory(final: str | Path) -> Path:
+    """A fresh hidden sibling of ``final`` to assemble a directory in, for `replace_directory`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
 def replace_directory(new: Path, final: Path) -> None:
