@@ -286,6 +286,17 @@ class MCF(nn.Module):
         return trend(global_masked if self.config.trend_from_masked else global_ecg)
 
 
+def unwrap(model: nn.Module) -> MCF:
+    """The MCF inside a ``DistributedDataParallel`` (or other ``.module``) wrapper, or the model itself: training
+    and scoring code is written once, for the bare model, and works under Ray Train's ``prepare_model``."""
+    return getattr(model, "module", model)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live: inputs are moved there, so callers may hand over CPU arrays."""
+    return next(model.parameters()).device
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (BN running statistics are buffers, so they do not count)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
