@@ -56,12 +56,37 @@ def test_only_ssh_is_exposed_and_auth_is_on(config):
 
 def test_every_node_gets_the_project_and_the_shared_storage(config):
     assert config["file_mounts"]["~/ecgad"] == "."
-    assert any("-e ~/ecgad" in c and "constraints.txt" in c for c in config["setup_commands"])
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    installs = {"head": config["head_setup_commands"], **{n: t["worker_setup_commands"] for n, t in workers.items()}}
+    for name, commands in installs.items():
+        assert any("-e ~/ecgad" in c and "constraints.txt" in c for c in commands), name
     assert any("/mnt/efs" in c and "mount -t nfs4" in c for c in config["initialization_commands"])
     assert "--volume /mnt/efs:/mnt/efs" in config["docker"]["run_options"]
     gpu = config["available_node_types"]["ray.worker.gpu"]
     assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1          # autoscaling GPU workers
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def test_images_and_torch_wheels_fit_each_node_type(config):
+    """CPU nodes run the CPU image and take torch's CPU wheel; only GPU nodes pay for CUDA."""
+    types = config["available_node_types"]
+    assert config["docker"]["head_image"].endswith("-cpu")
+    assert any("whl/cpu" in c and "torch==" in c for c in config["head_setup_commands"])
+    for name, node in types.items():
+        if name == config["head_node_type"]:
+            continue
+        gpu = node["node_config"]["InstanceType"].startswith(("g", "p"))
+        image = node["docker"]["worker_image"]
+        assert image.startswith("rayproject/ray:2.60.0-") and image.endswith("-gpu" if gpu else "-cpu"), name
+        cpu_wheel = any("whl/cpu" in c for c in node["worker_setup_commands"])
+        assert cpu_wheel != gpu, name
+
+
+def test_workers_get_the_instance_profile_storage_needs(config):
+    """Ray Train's rank 0 and Ray Data's tasks write from worker nodes: an s3:// storage path needs a role there."""
+    for name, node in config["available_node_types"].items():
+        if name != config["head_node_type"]:
+            assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
 
 
 def _documented_commands() -> list[list[str]]:
