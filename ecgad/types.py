@@ -36,6 +36,8 @@ REJECTION_CODES: dict[str, str] = {
     "bad_shape": "the signal array does not have the (leads, samples) shape its metadata describes",
     "no_beats": "no R-peak was found where a full heartbeat window fits (200 < r < 4400 at 500 Hz)",
     "too_large": "the record is larger than the configured limit",
+    "too_long": "the record lasts longer than the configured limit",
+    "too_many_channels": "the record has more channels than the configured limit",
 }
 
 
