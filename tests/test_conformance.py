@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ecgad.model import MCF, MCFConfig, count_parameters, load_published_state_dict, trend
+from ecgad.oracle import oracle_score_window
 from ecgad.preprocess import prepare_window
-from ecgad.scoring import Scorer, oracle_score_window
+from ecgad.scoring import Scorer
 
 FORWARD_ATOL = 1e-5
 PROTOCOL_RTOL = 1e-4
