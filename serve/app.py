@@ -453,24 +453,32 @@ def _deployment_options(application: ServeApplicationSchema) -> dict[str, dict[s
     return settings
 
 
+def _bind(application: ServeApplicationSchema) -> serve.Application:
+    """The application a config entry describes: this service (the only one `run_local` deploys), bound with the
+    entry's ``args`` and deployment settings."""
+    if application.import_path != IMPORT_PATH:
+        raise ValueError(f"run_local deploys {IMPORT_PATH}, not {application.import_path}")
+    return bind_app(AppArgs.model_validate(application.args), _deployment_options(application))
+
+
+def _run_all(applications: list[ServeApplicationSchema], done: Future) -> None:
+    """``serve.run`` each config entry (each call returns once its application is RUNNING, or raises Serve's own
+    message when it fails); the outcome goes to ``done``."""
+    try:
+        for application in applications:
+            serve.run(_bind(application), name=application.name, route_prefix=application.route_prefix,
+                      logging_config=application.logging_config)
+        done.set_result(None)
+    except BaseException as err:   # handed to the waiting thread, which raises it
+        done.set_exception(err)
+
+
 def _deploy(applications: list[ServeApplicationSchema], timeout_s: float) -> None:
-    """``serve.run`` each application of the config and return once all are RUNNING; Serve's own message if one
-    fails, `TimeoutError` after ``timeout_s``. ``serve.run`` itself waits without a limit (a replica no node can
-    host keeps it waiting forever), so it runs in a daemon thread and this one waits for it with the limit."""
-    done: Future[None] = Future()
-
-    def deploy() -> None:
-        try:
-            for application in applications:
-                if application.import_path != IMPORT_PATH:
-                    raise ValueError(f"run_local deploys {IMPORT_PATH}, not {application.import_path}")
-                serve.run(bind_app(AppArgs.model_validate(application.args), _deployment_options(application)),
-                          name=application.name, route_prefix=application.route_prefix)
-            done.set_result(None)
-        except BaseException as err:   # handed to the waiting thread, which raises it
-            done.set_exception(err)
-
-    threading.Thread(target=deploy, name="ecgad-serve-deploy", daemon=True).start()
+    """Deploy the config's applications and return once all are RUNNING, or raise `TimeoutError` after
+    ``timeout_s``: ``serve.run`` waits without a limit (a replica no node can host keeps it waiting forever), so it
+    runs in a daemon thread and this one waits for it with the limit."""
+    done: Future = Future()
+    threading.Thread(target=_run_all, args=(applications, done), name="ecgad-serve-deploy", daemon=True).start()
     try:
         done.result(timeout=timeout_s)
     except TimeoutError:

@@ -1,4 +1,4 @@
-"""Conformance with the published implementation (`../shared/reference-mcf`, see its README).
+"""Conformance with the published implementation (the fixture at `ecgad.settings.reference_mcf_dir`, see its README).
 
 The fixture holds random weights with the published parameter names, one eval-mode forward pass of the published
 model, and the published test protocol (scores and anomaly maps) on three real records. The published arrays are
