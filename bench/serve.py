@@ -2,11 +2,11 @@
 on (``max_batch_size`` 32) and off (1), for binary (``application/x-npy``) and JSON bodies.
 
 One Ray Serve application, started from ``serve/config.yaml`` like ``ecgad serve`` (one replica per deployment, queues
-large enough that nothing is refused); batching is switched by redeploying only the model's ``user_config``, so both
-settings run on the same replicas. Each client sends one real 10 s, 500 Hz PTB-XL record, waits for the answer and
-sends again (closed loop) for ``--seconds`` of steady state (`_load`: after every client had an answer); every
-answer must be 200. ``map=none`` by default, so the comparison is about request bodies and batching, not about
-serializing the 60 000-value map.
+large enough that nothing is refused); batching is switched by redeploying with only the model's ``user_config``
+changed, so both settings run the same configuration otherwise. Each client sends one real 10 s, 500 Hz PTB-XL
+record, waits for the answer and sends again (closed loop) for ``--seconds`` of steady state (`_load`: after every
+client had an answer); every answer must be 200. ``map=none`` by default, so the comparison is about request bodies
+and batching, not about serializing the 60 000-value map.
 On a shared machine the load of other processes drifts, so the batched and unbatched runs of each cell are taken
 back to back, the whole grid is run ``--repeats`` times, and each cell reports its best run (highest req/s).
 
@@ -108,7 +108,7 @@ def _in_process_ms_per_record(checkpoint: Path, mode: str, prepared, batch: int,
 
 
 def _set_batch_size(url: str, deploy, size: int) -> None:
-    """Redeploy with a new ``max_batch_size`` (applied in place) and wait until the model replica reports it."""
+    """Redeploy with a new ``max_batch_size`` and wait until the model replica reports it."""
     deploy({"max_batch_size": size, "batch_wait_timeout_s": 0.005})
     deadline = time.monotonic() + 60
     while httpx.get(f"{url}/v1/model", timeout=30).json()["batching"]["max_batch_size"] != size:

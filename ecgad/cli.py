@@ -12,7 +12,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:   # imported for real inside the handlers, so that `ecgad --help` stays instant
+    from ecgad.scoring import Scorer
+    from ecgad.types import Record, Rejection, Scores
 
 
 class CLIError(Exception):
@@ -21,6 +25,10 @@ class CLIError(Exception):
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=float))
+
+
+def _report_rejection(path: str | Path, reason: str, message: str) -> None:
+    print(f"ecgad: {path}: rejected: {reason} ({message})", file=sys.stderr)
 
 
 # -- ecgad synth -------------------------------------------------------------------------------------------------
@@ -64,7 +72,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for key, value in report.items():
             print(f"{key:<{width}}  {', '.join(value) if isinstance(value, list) else value}")
     if report["status"] != "ok":
-        print(f"ecgad: {args.path}: rejected: {report['reason']} ({report.get('message', '')})", file=sys.stderr)
+        _report_rejection(args.path, report["reason"], report.get("message", ""))
         return 1
     return 0
 
@@ -97,53 +105,62 @@ def _plot_path(base: Path, record_id: str, several: bool) -> Path:
     return base.with_name(f"{base.stem}_{record_id}{base.suffix}") if several else base
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    import numpy as np
-
+def _read_and_score(scorer: Scorer, paths: list[Path]) -> dict[Path, tuple[Record | None, Scores | Rejection]]:
+    """Each path's ``(record, Scores)``, or ``(None, Rejection)`` where it cannot be read; the readable records are
+    scored in one call, so they share batches."""
     from ecgad.io import read_record
-    from ecgad.scoring import Scorer
     from ecgad.types import Rejection
     from ecgad.validate import validate
 
-    scorer = Scorer.from_checkpoint(Path(args.checkpoint), device=args.device, mode=args.mode)
-    paths = [Path(p) for p in args.paths]
     records, results = [], {}
     for path in paths:
         try:
             records.append((path, validate(read_record(path))))
         except Rejection as rejection:
-            results[path] = rejection
+            results[path] = (None, rejection)
     scored = scorer.score_records([record for _, record in records]) if records else []
-    for (path, record), result in zip(records, scored, strict=True):
-        results[path] = (record, result)
+    for (path, record), outcome in zip(records, scored, strict=True):
+        results[path] = (record, outcome)
+    return results
 
-    maps_dir = Path(args.maps) if args.maps else None
-    if maps_dir:
-        maps_dir.mkdir(parents=True, exist_ok=True)
+
+def _write_outputs(args: argparse.Namespace, path: Path, record: Record, scores: Scores, several: bool) -> None:
+    """The record's anomaly map (``--maps``) and plot (``--plot``), each written atomically."""
+    if args.maps and scores.anomaly_map is not None:
+        import numpy as np
+
+        from ecgad.atomic import atomic_file
+
+        with atomic_file(Path(args.maps) / f"{path.stem}.npy") as fh:
+            np.save(fh, scores.anomaly_map.astype(np.float32))
+    if args.plot:
+        from ecgad.plot import plot_ecg, verdict_title
+
+        plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map, title=verdict_title(path.stem, scores),
+                 out=_plot_path(Path(args.plot), path.stem, several))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ecgad.scoring import Scorer
+    from ecgad.types import Rejection
+
+    scorer = Scorer.from_checkpoint(Path(args.checkpoint), device=args.device, mode=args.mode)
+    paths = [Path(p) for p in args.paths]
+    results = _read_and_score(scorer, paths)
     failures = 0
     for path in paths:
-        result = results[path]
-        record, outcome = result if isinstance(result, tuple) else (None, result)
+        record, outcome = results[path]
         if isinstance(outcome, Rejection):
             failures += 1
             row = {"path": str(path), "status": "rejected", "reason": outcome.reason,
                    "pred_score": None, "pred_label": None}
-            print(f"ecgad: {path}: rejected: {outcome.reason} ({outcome.message})", file=sys.stderr)
+            _report_rejection(path, outcome.reason, outcome.message)
         else:
             row = {"path": str(path), "status": "ok", "reason": "", "pred_score": float(outcome.pred_score),
                    "pred_label": bool(outcome.pred_label),
                    "threshold": float(outcome.threshold) if math.isfinite(outcome.threshold) else None,
                    "beats_used": outcome.beats_used}
-            if maps_dir is not None and outcome.anomaly_map is not None:
-                np.save(maps_dir / f"{path.stem}.npy", outcome.anomaly_map.astype(np.float32))
-            if args.plot:
-                from ecgad.plot import plot_ecg
-
-                label = "anomalous" if outcome.pred_label else "normal"
-                plot_ecg(record.signal, record.fs, anomaly_map=outcome.anomaly_map,
-                         title=f"{path.stem}: score {outcome.pred_score:.4g} ({label}, threshold "
-                               f"{outcome.threshold:.4g})",
-                         out=_plot_path(Path(args.plot), path.stem, len(paths) > 1))
+            _write_outputs(args, path, record, outcome, several=len(paths) > 1)
         if args.json:
             _print_json(row)
         elif row["status"] == "ok":

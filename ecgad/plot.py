@@ -15,6 +15,7 @@ worker threads and servers without a display.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ecgad.types import LEADS
+from ecgad.atomic import atomic_file
+from ecgad.types import LEADS, Scores
 
 #: The print's lead grid: rows top to bottom, columns left to right.
 LAYOUT: tuple[tuple[str, ...], ...] = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"),
@@ -42,6 +44,14 @@ HEAT_CMAP = "YlOrRd"
 HEAT_MAX_ALPHA = 0.6
 MM_PER_INCH = 25.4
 MARGIN_IN, TITLE_IN = 0.25, 0.45
+
+
+def verdict_title(name: str, scores: Scores) -> str:
+    """The title of a scored record's plot: its name, score, label and threshold (the CLI's ``--plot`` and the
+    service's ``/v1/score/plot`` draw the same)."""
+    label = "anomalous" if scores.pred_label else "normal"
+    threshold = f"{scores.threshold:.4g}" if math.isfinite(scores.threshold) else "not calibrated"
+    return f"{name}: score {scores.pred_score:.4g} ({label}, threshold {threshold})"
 
 
 def _draw_paper(ax, t0: float, t1: float, y0: float, y1: float) -> None:
@@ -73,7 +83,8 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     """Draw a 12-lead ECG (``(12, n)`` in mV at ``fs`` Hz, leads in ``lead_names`` order) in the clinical layout.
 
     ``anomaly_map``: ``(12, n)`` on the same time axis, drawn as a heat band; ``title``: put the score, label and
-    threshold here. ``out``: write the figure there, PNG or SVG by its suffix. Returns the ``Figure``.
+    threshold here (`verdict_title`). ``out``: write the figure there (atomically), PNG or SVG by its suffix.
+    Returns the ``Figure``.
     """
     signal = np.asarray(signal, dtype=np.float32)
     if signal.ndim != 2 or signal.shape[0] != len(lead_names) or signal.shape[1] < 2:
@@ -135,5 +146,6 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     ax.text(t1, y0 - 0.2, f"{PAPER_SPEED_MM_S:g} mm/s  {GAIN_MM_MV:g} mm/mV  {fs:g} Hz", fontsize=7, ha="right",
             va="top")
     if out is not None:
-        fig.savefig(out, format=suffix[1:], dpi=150)
+        with atomic_file(out) as fh:
+            fig.savefig(fh, format=suffix[1:], dpi=150)
     return fig

@@ -24,11 +24,11 @@ import asyncio
 import functools
 import hmac
 import json
-import logging
 import math
 import os
 import threading
 import time
+from concurrent.futures import Future
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
@@ -46,18 +46,20 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgad import __version__
 from ecgad.config import PrepConfig
+from ecgad.log import get_logger
 from ecgad.preprocess import prepare
 from ecgad.synth import generate_ecg
 from ecgad.types import Prepared, Record, Rejection, Scores
 from serve import bodies
 from serve.schemas import ModelInfo, RejectionBody, ScoreRequest, ScoreResponse
 
-logger = logging.getLogger("ecgad.serve")
+logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -81,7 +83,7 @@ def checkpoint_prep_config(directory: str | Path) -> PrepConfig:
 
 
 class BatchConfig(BaseModel):
-    """``ECGModel``'s ``user_config``: changed by redeploying the config, applied without restarting replicas."""
+    """``ECGModel``'s ``user_config``: ``serve deploy`` of a changed config applies it without restarting replicas."""
 
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=10.0)
@@ -379,11 +381,23 @@ class ECGIngress:
         return FileResponse(STATIC_DIR / "index.html")
 
 
+#: What the config's ``import_path`` names: the builder ``serve deploy`` calls with the config's ``args``.
+IMPORT_PATH = f"{__name__}:build_app"
+
+
+def bind_app(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The application, each deployment with the ``Deployment.options`` given for its name in ``options``."""
+    options = options or {}
+    model = ECGModel.options(**options.get(ECGModel.name, {})).bind(
+        checkpoint=args.checkpoint, mode=args.mode, device=args.device, cpu_threads=args.cpu_threads)
+    return ECGIngress.options(**options.get(ECGIngress.name, {})).bind(
+        model, checkpoint=args.checkpoint, max_body_mb=args.max_body_mb)
+
+
 def build_app(args: AppArgs) -> serve.Application:
-    """The application ``serve deploy`` / ``serve run`` builds from the config's ``import_path`` and ``args``."""
-    model = ECGModel.bind(checkpoint=args.checkpoint, mode=args.mode, device=args.device,
-                          cpu_threads=args.cpu_threads)
-    return ECGIngress.bind(model, checkpoint=args.checkpoint, max_body_mb=args.max_body_mb)
+    """The application ``serve deploy`` / ``serve run`` build from the config's ``import_path`` and ``args`` (Serve
+    applies the config's deployment settings itself)."""
+    return bind_app(args)
 
 
 # --------------------------------------------------------------------------------------------------- local run
@@ -414,42 +428,81 @@ def _fit_gpus(data: dict[str, Any], cluster_gpus: float) -> None:
                 options["num_gpus"] = 0
 
 
-def _wait_running(names: set[str], deployed_at: float, timeout_s: float) -> None:
-    """Block until every application, deployed at or after ``deployed_at`` (so an earlier deployment's RUNNING does
-    not count), is RUNNING; fail with Serve's own message if a deployment fails."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        statuses = {name: serve.status().applications.get(name) for name in names}
-        current = {n: s for n, s in statuses.items() if s is not None and s.last_deployed_time_s >= deployed_at}
-        failed = {n: s.message for n, s in current.items() if s.status == "DEPLOY_FAILED"}
-        if failed:
-            raise RuntimeError(f"Serve deployment failed: {failed}")
-        if len(current) == len(names) and all(s.status == "RUNNING" for s in current.values()):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve applications not running after {timeout_s:g} s: "
-                               f"{ {n: s.status if s else 'absent' for n, s in statuses.items()} }")
-        time.sleep(0.5)
+def _merged_runtime_env(application_env: dict[str, Any], deployment_env: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's ``runtime_env`` over its application's, environment variables merged: how Serve combines
+    them for a deployed config."""
+    env_vars = {**application_env.get("env_vars", {}), **deployment_env.get("env_vars", {})}
+    return {**application_env, **deployment_env, **({"env_vars": env_vars} if env_vars else {})}
+
+
+def _deployment_options(application: ServeApplicationSchema) -> dict[str, dict[str, Any]]:
+    """``Deployment.options`` by deployment name: what the config entry sets for each deployment (replicas,
+    autoscaling, queue limits, ``user_config``, health checks, actor options), with the application's
+    ``runtime_env`` (e.g. the API token) applied to every deployment."""
+    settings: dict[str, dict[str, Any]] = {ECGModel.name: {}, ECGIngress.name: {}}
+    for deployment in application.deployments:
+        if deployment.name not in settings:
+            raise ValueError(f"the config names deployment {deployment.name!r}; this application has "
+                             f"{', '.join(settings)}")
+        settings[deployment.name] = deployment.model_dump(exclude_unset=True, exclude={"name"})
+    for options in settings.values():
+        actor = options.get("ray_actor_options") or {}
+        runtime_env = _merged_runtime_env(application.runtime_env, actor.get("runtime_env") or {})
+        if runtime_env:
+            options["ray_actor_options"] = {**actor, "runtime_env": runtime_env}
+    return settings
+
+
+def _bind(application: ServeApplicationSchema) -> serve.Application:
+    """The application a config entry describes: this service (the only one `run_local` deploys), bound with the
+    entry's ``args`` and deployment settings."""
+    if application.import_path != IMPORT_PATH:
+        raise ValueError(f"run_local deploys {IMPORT_PATH}, not {application.import_path}")
+    return bind_app(AppArgs.model_validate(application.args), _deployment_options(application))
+
+
+def _run_all(applications: list[ServeApplicationSchema], done: Future) -> None:
+    """``serve.run`` each config entry (each call returns once its application is RUNNING, or raises Serve's own
+    message when it fails); the outcome goes to ``done``."""
+    try:
+        for application in applications:
+            serve.run(_bind(application), name=application.name, route_prefix=application.route_prefix,
+                      logging_config=application.logging_config)
+        done.set_result(None)
+    except BaseException as err:   # handed to the waiting thread, which raises it
+        done.set_exception(err)
+
+
+def _deploy(applications: list[ServeApplicationSchema], timeout_s: float) -> None:
+    """Deploy the config's applications and return once all are RUNNING, or raise `TimeoutError` after
+    ``timeout_s``: ``serve.run`` waits without a limit (a replica no node can host keeps it waiting forever), so it
+    runs in a daemon thread and this one waits for it with the limit."""
+    done: Future = Future()
+    threading.Thread(target=_run_all, args=(applications, done), name="ecgad-serve-deploy", daemon=True).start()
+    try:
+        done.result(timeout=timeout_s)
+    except TimeoutError:
+        statuses = {name: status.status for name, status in serve.status().applications.items()}
+        raise TimeoutError(f"Serve applications not running after {timeout_s:g} s: {statuses}") from None
 
 
 def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
               config: str | Path | dict[str, Any] | None = None, blocking: bool = True,
               timeout_s: float = 300.0) -> str:
-    """Deploy the service from a Serve config; returns its base URL.
+    """Deploy the service from a Serve config through Serve's public Python API; returns its base URL.
 
-    It deploys the config exactly as ``serve deploy`` / ``serve run`` do (Serve has no public Python API for a
-    config file, so this uses the same internal calls as its CLI), so a local run exercises the production
-    settings: replicas, autoscaling, queue limits, batching. Calling it again with a changed config updates the
-    running application in place (a ``user_config`` change, e.g. the batch size, restarts no replica); the HTTP
-    options are fixed by the first call.
+    It deploys what ``serve deploy`` of that config deploys: the HTTP options and proxy location (``serve.start``),
+    then each application (``serve.run``) with the config's ``args`` and every deployment setting of the config
+    (replicas, autoscaling, queue limits, batching, health checks, actor options, ``runtime_env``) applied through
+    ``Deployment.options``, so a local run exercises the production settings. Calling it again redeploys the
+    application with the changed config; its replicas are replaced (``serve deploy`` updates a changed
+    ``user_config`` in place, which has no public Python API). The HTTP options are fixed by the first call.
 
     Where Ray is not initialized yet, it starts a new local Ray instance, or connects to the cluster ``RAY_ADDRESS``
     names, but never silently joins whatever cluster another process on the machine last started (``ray.init()``'s
     default). ``blocking`` serves until Ctrl-C; Ctrl-C, also during deployment, shuts Serve down.
     """
     import ray
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
 
     data = load_config(config, checkpoint, host, port)
     if not ray.is_initialized():
@@ -458,12 +511,10 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     schema = ServeDeploySchema.model_validate(data)
     url = f"http://{host}:{port}"
     try:
-        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-        deployed_at = math.floor(time.time())      # Serve may store the deploy time with less precision
-        client.deploy_apps(schema)
-        _wait_running({application.name for application in schema.applications}, deployed_at, timeout_s)
+        serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
+        _deploy(schema.applications, timeout_s)
         if blocking:
-            print(f"ecgad service at {url}/ (API docs at {url}/docs); Ctrl-C stops it", flush=True)
+            logger.info("ecgad service at %s/ (API docs at %s/docs); Ctrl-C stops it", url, url)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

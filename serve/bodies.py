@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ecgad.io import read_record, record_from_array
-from ecgad.plot import plot_ecg
+from ecgad.plot import plot_ecg, verdict_title
 from ecgad.types import Record, Rejection, Scores
 from ecgad.validate import validate
 from serve.schemas import ScoreRequest
@@ -226,12 +226,9 @@ def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str
 
 
 def plot_png(record: Record, scores: Scores, dpi: int = 100) -> bytes:
-    """The clinical 12-lead plot of ``record`` with its anomaly map, as PNG bytes (the CLI's ``--plot`` title)."""
-    label = "anomalous" if scores.pred_label else "normal"
-    threshold = f"{scores.threshold:.4g}" if math.isfinite(scores.threshold) else "not calibrated"
-    title = f"{record.record_id or 'ECG'}: score {scores.pred_score:.4g} ({label}, threshold {threshold})"
-    figure = plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map, title=title,
-                      lead_names=record.lead_names)
+    """The clinical 12-lead plot of ``record`` with its anomaly map and verdict, as PNG bytes."""
+    figure = plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map,
+                      title=verdict_title(record.record_id or "ECG", scores), lead_names=record.lead_names)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""Conformance with the published implementation (`../shared/reference-mcf`, see its README).
+"""Conformance with the published implementation (the fixture at `ecgad.settings.reference_mcf_dir`, see its README).
 
 The fixture holds random weights with the published parameter names, one eval-mode forward pass of the published
 model, and the published test protocol (scores and anomaly maps) on three real records. The published arrays are
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ecgad.model import MCF, MCFConfig, count_parameters, load_published_state_dict, trend
+from ecgad.oracle import oracle_score_window
 from ecgad.preprocess import prepare_window
-from ecgad.scoring import Scorer, oracle_score_window
+from ecgad.scoring import Scorer
 
 FORWARD_ATOL = 1e-5
 PROTOCOL_RTOL = 1e-4

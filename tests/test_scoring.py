@@ -16,9 +16,11 @@ import torch
 
 from ecgad.config import PrepConfig
 from ecgad.io import read_record
+from ecgad.maps import stitch_window_maps, to_source_axis
 from ecgad.model import MCF, MCFConfig
+from ecgad.oracle import oracle_score_window
 from ecgad.preprocess import prepare
-from ecgad.scoring import Scorer, oracle_score_window, stitch_window_maps, to_source_axis
+from ecgad.scoring import Scorer
 from ecgad.types import Record, Rejection, Scores, Window
 
 RTOL = 1e-5
