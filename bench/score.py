@@ -22,7 +22,7 @@ import torch
 from ecgad.io import read_record
 from ecgad.model import MCF, MCFConfig
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import list_record_files
+from ecgad.inputs import list_record_files
 from ecgad.scoring import Scorer, oracle_score_window
 from ecgad.settings import sample_data_dir
 from ecgad.types import Rejection
