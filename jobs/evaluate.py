@@ -46,7 +46,7 @@ from ecgad.rows import read_file
 from ecgad.scoring import Scorer
 from ecgad.validate import validate
 
-log = get_logger(__name__)
+log = get_logger("jobs.evaluate")  # not __name__, which is "__main__" under `python -m`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from ecgad.inputs import list_inputs
 from ecgad.log import get_logger
 from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
 
-log = get_logger(__name__)
+log = get_logger("jobs.preprocess")  # not __name__, which is "__main__" under `python -m`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,7 @@ def list_chunks(input_path: Path, chunk_size: int) -> Dataset:
         source_chunks, fn_kwargs={"chunk_size": chunk_size})
 
 
-def chunks_dataset(inputs: pa.Table, chunk_size: int = RECORDS_PER_TASK) -> Dataset:
+def chunks_dataset(inputs: pa.Table, chunk_size: int) -> Dataset:
     """A list of inputs the driver already holds (`ecgad.inputs.list_inputs`) as a dataset of chunk rows."""
     return ray.data.from_items(list(chunk_rows("inputs", entries(inputs), chunk_size)))
 
