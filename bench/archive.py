@@ -7,7 +7,7 @@ scores are meaningless, costs are real. Then:
 
 - **plain loop**: one process, the 1x archive, read -> validate -> prepare -> `Scorer` record by record in batches of
   ``--batch-size`` (what a script without Ray would do), with all of this machine's cores for torch;
-- **ray 1x / ray 10x**: ``ecgad.archive.score_archive`` (what ``python -m jobs.score_archive`` runs): preparation
+- **ray 1x / ray 10x**: ``ecgad.ray.archive.score_archive`` (what ``python -m jobs.score_archive`` runs): preparation
   in Ray tasks, scoring in the actor pool, Parquet commits. While each runs, a sampler thread reads the resident
   memory (RSS, and USS/PSS, `MemorySampler`) of this driver and every process under it (GCS, raylet, Ray Data's
   tasks and actors) every 0.2 s.
@@ -49,8 +49,8 @@ from ecgad.checkpoint import save_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import list_record_files
-from ecgad.ray_data import read_file
+from ecgad.inputs import list_record_files
+from ecgad.rows import read_file
 from ecgad.scoring import Scorer
 from ecgad.synth_dataset import write_dataset
 from ecgad.types import Rejection
@@ -145,7 +145,7 @@ def plain_loop(paths: list[Path], scorer: Scorer, batch_size: int) -> float:
 
 
 def ray_run(root: Path, checkpoint: Path, out: Path, args: argparse.Namespace) -> dict:
-    from ecgad.archive import score_archive
+    from ecgad.ray.archive import score_archive
 
     with MemorySampler() as sampler:
         summary = score_archive(root, checkpoint, out, batch_size=args.batch_size, chunk_size=args.chunk_size,

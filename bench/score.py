@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
+from ecgad.inputs import list_record_files
 from ecgad.io import read_record
 from ecgad.model import MCF, MCFConfig
 from ecgad.oracle import oracle_score_window
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import list_record_files
 from ecgad.scoring import Scorer
 from ecgad.settings import sample_data_dir
 from ecgad.types import Rejection

@@ -70,6 +70,10 @@ _UNIT_TO_MV: dict[str, float] = {"": 1.0, "mv": 1.0, "uv": 1e-3, "Âµv": 1e-3, "Î
 
 _FS_HINT = re.compile(r"^#\s*(?:fs|sampling_rate|sampling_rate_hz)\s*[=:]\s*(\S+)\s*$", re.IGNORECASE)
 
+#: The files `read_record` takes as one record each (a WFDB record by its header, whatever its signal files): what a
+#: folder listing (`ecgad.inputs.is_record_file`) counts as ECGs. A new format adds its suffix here.
+RECORD_SUFFIXES = frozenset({".hea", ".csv", ".npy", ".npz"})
+
 
 def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequence[str] | None = None) -> Record:
     """Read one ECG file (WFDB, CSV, NPY or NPZ; see the module docstring) into a `Record`.

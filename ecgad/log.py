@@ -17,10 +17,23 @@ ROOT = "ecgad"
 _FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged, not to the one of when the handler was made, so
+    lines follow a redirected stdout (``contextlib.redirect_stdout``, pytest's capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _install_handler() -> logging.Logger:
     root = logging.getLogger(ROOT)
     if not any(getattr(h, "_ecgad", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler._ecgad = True  # type: ignore[attr-defined]  # marks ours, so a second install is a no-op
         root.addHandler(handler)

@@ -1,7 +1,7 @@
 """PTB-XL roots (the PhysioNet layout: ``ptbxl_database.csv``, ``scp_statements.csv``, ``records100/``,
-``records500/``) as a labelled index and a stream of `Record`s, plus `list_record_files` for arbitrary folders.
+``records500/``) as a labelled index and a stream of `Record`s (arbitrary folders are listed by `ecgad.inputs`).
 
-The label rule is ours, not the published code's (mcf-method.md "Our decisions" 3): a record is ``normal`` iff the
+The label rule is ours, not the published code's (docs/method.md §5 D3): a record is ``normal`` iff the
 set of diagnostic superclasses over *all* its ``scp_codes`` keys whose statement has ``diagnostic == 1``
 (likelihood ignored, as in PTB-XL's ``aggregate_diagnostic``) is exactly ``{NORM}``. A record with no diagnostic
 statement at all (rhythm/form statements only, e.g. atrial flutter) is ``abnormal``: nothing certifies it normal.
@@ -24,14 +24,10 @@ from ecgad.types import Record
 
 log = logging.getLogger(__name__)
 
-#: Metadata tables at the top of a PTB-XL root and label tables next to record sets: never ECGs themselves.
-#: PTB-XL's folds as mcf-method.md "Our decisions" 4 uses them: train on the normals of 1-8, select on 9, test on 10.
+#: PTB-XL's folds as we use them (docs/method.md §3.1, §5 D4): train on the normals of 1-8, select on 9, test on 10.
 TRAIN_FOLDS = (1, 2, 3, 4, 5, 6, 7, 8)
 VALIDATION_FOLD = 9
 TEST_FOLD = 10
-
-_TABLE_NAMES = frozenset({"ptbxl_database.csv", "scp_statements.csv", "labels.csv"})
-_RECORD_SUFFIXES = frozenset({".hea", ".csv", ".npy", ".npz"})
 
 
 def load_ptbxl_index(root: str | Path) -> pd.DataFrame:
@@ -93,20 +89,8 @@ def iter_ptbxl_records(root: str | Path, folds: Iterable[int] | None = None,
         yield read_ptbxl_record(root, row)
 
 
+#: Where a synthetic root keeps its ground-truth point masks (``.npy`` arrays that are not ECGs).
 MASK_DIR = "masks"
-
-
-def list_record_files(root: str | Path) -> list[Path]:
-    """Every ECG file under ``root`` (any depth), sorted: WFDB headers (``.hea``; one per record, whatever its
-    signal files), ``.csv``, ``.npy`` and ``.npz``. Known metadata tables (``ptbxl_database.csv``,
-    ``scp_statements.csv``, ``labels.csv``) are skipped, and so is a ``masks/`` folder (where ``ecgad synth`` keeps
-    the ground-truth point masks, which are ``.npy`` arrays but not ECGs), so a PTB-XL root, a synthetic root or the
-    sample data can be scored as is.
-    """
-    root = Path(root)
-    return sorted(path for path in root.rglob("*")
-                  if path.suffix.lower() in _RECORD_SUFFIXES and path.name.lower() not in _TABLE_NAMES
-                  and MASK_DIR not in path.relative_to(root).parts[:-1] and path.is_file())
 
 
 def _plain(value: Any) -> Any:

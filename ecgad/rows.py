@@ -1,19 +1,31 @@
-"""Flat, Arrow-friendly rows for `Prepared` records, so Ray Data blocks and Parquet files can carry them.
+"""Flat, Arrow-friendly rows for `Prepared` records, so Ray Data blocks and Parquet files can carry them, and the
+per-record step every batch job runs to make one: `prepare_path`.
 
 Ray Data moves rows between tasks and actors as Arrow tables; nested variable-shape numpy arrays are fragile there,
 so a prepared record travels as plain columns: scalars, lists of ints and raw little-endian float32 bytes. Encoding
 is lossless (float32 in, float32 out), so a record scored after a round trip gets exactly the score it gets in
 process. Status rows for rejected records share the same columns, so one table holds every input.
+
+`prepare_path` is the one data path of the batch jobs (preprocessing, evaluation, archive scoring): ``read_record``
+-> ``validate`` -> ``prepare`` -> row. **Contract**: each input yields exactly one row, an ok row (`prepared_to_row`)
+or a status row (``status`` ``rejected`` with the `Rejection` reason, or ``error`` naming the exception type for
+anything unexpected, `failure_fields`). It never raises for a bad record, so one bad file never fails a task, a
+block or a job.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ecgad.types import Prepared, Rejection, Window
+from ecgad.config import PrepConfig
+from ecgad.io import read_record
+from ecgad.preprocess import prepare
+from ecgad.types import Prepared, Record, Rejection, Window
+from ecgad.validate import validate
 
 _N_LEADS = 12
 
@@ -101,3 +113,41 @@ def row_to_prepared(row: dict[str, Any]) -> Prepared:
         source_samples=int(row["source_samples"]),
         metadata=json.loads(row["metadata_json"]),
     )
+
+
+# -- the per-record step of the batch jobs -----------------------------------------------------------------------
+
+def failure_fields(exc: BaseException) -> dict[str, str]:
+    """The status and reason for a record whose processing raised: a rejection keeps its typed reason; anything
+    else is an ``error`` naming the exception type, so an unexpected failure is visible and countable by type."""
+    if isinstance(exc, Rejection):
+        return {"status": "rejected", "reason": exc.reason}
+    message = " ".join(str(exc).split())[:300]
+    return {"status": "error", "reason": f"{type(exc).__name__}: {message}" if message else type(exc).__name__}
+
+
+def read_file(path: str | Path, default_fs: float | None = None) -> Record:
+    """``read_record``, with ``default_fs`` as the rate of files that carry none (NPY, CSV without ``# fs=``).
+
+    ``read_record(fs=...)`` rejects a file whose own rate differs, so the default cannot simply be passed for every
+    file of a mixed folder (100 Hz and 500 Hz WFDB next to NPY); it fills in only where the rate is missing.
+    """
+    try:
+        return read_record(path)
+    except Rejection as rejection:
+        if default_fs is None or rejection.reason != "bad_fs:missing":
+            raise
+    return read_record(path, fs=default_fs)
+
+
+def prepare_path(path: str, record_id: str, cfg: PrepConfig = PrepConfig(),
+                 default_fs: float | None = None) -> dict[str, Any]:
+    """Read, validate and prepare one file into a row plus its ``path``; never raises (module docstring: a
+    rejection becomes a ``rejected`` row, anything else an ``error`` row)."""
+    try:
+        prepared = prepare(validate(read_file(path, default_fs)), cfg)
+        prepared.record_id = record_id
+        row = prepared_to_row(prepared)
+    except Exception as exc:  # fault isolation: one file never fails its task
+        row = {**rejection_to_row(record_id, Rejection("bad_file")), **failure_fields(exc)}
+    return {**row, "path": str(path)}

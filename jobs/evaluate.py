@@ -5,9 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.evaluate --checkpoint /mnt/efs/runs/mcf/best \\
         --data /mnt/efs/ptbxl --out /mnt/efs/eval/mcf --num-scorers 2 --use-gpu
 
-The fold's records are read, validated and prepared in CPU tasks (`ecgad.ray_data.prepare_rows`) and scored by an
-actor pool of `ecgad.ray_data.RowScorer`s (``map_batches`` with ``ActorPoolStrategy``; each actor loads the model
-once, on a GPU with ``--use-gpu``). Writes to ``--out``:
+The fold's records flow through the batch scoring pipeline that archive scoring uses (`ecgad.ray.scoring`): read,
+validated and prepared in CPU tasks, scored by an actor pool (each actor loads the model once, on a GPU with
+``--use-gpu``); the scored rows come back to the driver. Writes to ``--out`` (each file atomically):
 
     metrics.json   record AUROC, AUPRC, sensitivity and specificity at the checkpoint's threshold, each with a
                    bootstrap 95 % CI (`ecgad.metrics.evaluate_scores`); with synthetic data (a ``mask_path`` column:
@@ -23,15 +23,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
 
+from ecgad.atomic import atomic_file, write_json
+from ecgad.checkpoint import CheckpointError, load_checkpoint
+from ecgad.inputs import is_ptbxl_root, list_inputs
+from ecgad.log import get_logger
+from ecgad.metrics import evaluate_scores
+from ecgad.plot import plot_ecg
+from ecgad.preprocess import prepare
 from ecgad.ptbxl import TEST_FOLD
+from ecgad.results import anomaly_map_of
+from ecgad.rows import read_file
+from ecgad.scoring import Scorer
+from ecgad.validate import validate
+
+log = get_logger("jobs.evaluate")  # not __name__, which is "__main__" under `python -m`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plots", type=int, default=3, help="records plotted at each end of the score range")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     return parser
-
-
-def _log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} jobs.evaluate: {message}", flush=True)
 
 
 def scored_span(n_samples: int, cfg) -> slice:
@@ -76,18 +87,13 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, auroc: float | None, out: P
            xlim=(0, 1), ylim=(0, 1), title=f"ROC, {int(labels.sum())} abnormal / {int((1 - labels).sum())} normal")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_file(out) as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode: str, out: Path) -> list[str]:
     """Plot the ``k`` highest- and lowest-scored records with their anomaly maps, scored again in process (a
     handful of records; the batch run keeps no maps unless localization metrics need them)."""
-    from ecgad.plot import plot_ecg
-    from ecgad.preprocess import prepare
-    from ecgad.ray_data import read_file
-    from ecgad.scoring import Scorer
-    from ecgad.validate import validate
-
     ranked = sorted(results, key=lambda r: r["pred_score"])
     picks = [("highest", i + 1, r) for i, r in enumerate(ranked[::-1][:k])]
     picks += [("lowest", i + 1, r) for i, r in enumerate(ranked[:k]) if r not in ranked[::-1][:k]]
@@ -107,9 +113,6 @@ def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ecgad.checkpoint import CheckpointError, load_checkpoint
-    from ecgad.ray_data import is_ptbxl_root
-
     root, out, checkpoint = Path(args.data).resolve(), Path(args.out).resolve(), Path(args.checkpoint).resolve()
     try:
         loaded = load_checkpoint(checkpoint)   # fail fast, and the preparation config and threshold to use
@@ -119,43 +122,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not is_ptbxl_root(root):
         print(f"evaluate: error: {root} is not a PTB-XL root: evaluation needs folds and labels", file=sys.stderr)
         return 2
-
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import ray
-
-    from ecgad.metrics import evaluate_scores
-    from ecgad.ray_data import (PREPARE_TASK_MEMORY, RowScorer, inputs_dataset, list_inputs, prepare_rows,
-                                score_map)
-
     inputs = list_inputs(root, folds=[args.fold])
     if inputs.num_rows == 0:
         print(f"evaluate: error: fold {args.fold} of {root} has no records", file=sys.stderr)
         return 2
     with_maps = inputs.column("mask_path").null_count < inputs.num_rows
+
+    import ray
+
+    from ecgad.ray.data import RECORDS_PER_TASK, chunks_dataset
+    from ecgad.ray.scoring import iter_scored, scoring_pipeline
+
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
 
     started = time.perf_counter()
-    _log(f"scoring fold {args.fold} of {root}: {inputs.num_rows} records, mode {args.mode}, "
-         f"model {loaded.model_version}" + (", with anomaly maps (masks present)" if with_maps else ""))
-    scored = (inputs_dataset(inputs)
-              .map_batches(prepare_rows, batch_format="pyarrow", batch_size=None,
-                           fn_kwargs={"cfg": loaded.prep_config}, num_cpus=1, memory=PREPARE_TASK_MEMORY)
-              .map_batches(RowScorer, batch_format="pyarrow", batch_size=args.batch_size,
-                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=args.num_scorers),
-                           num_cpus=args.scorer_cpus, num_gpus=1 if args.use_gpu else 0,
-                           fn_constructor_kwargs={"checkpoint": str(checkpoint), "mode": args.mode,
-                                                  "device": "cuda" if args.use_gpu else "cpu",
-                                                  "with_maps": with_maps,
-                                                  "threads": max(1, math.floor(args.scorer_cpus))}))
+    log.info(f"scoring fold {args.fold} of {root}: {inputs.num_rows} records, mode {args.mode}, "
+             f"model {loaded.model_version}" + (", with anomaly maps (masks present)" if with_maps else ""))
+    scored = scoring_pipeline(chunks_dataset(inputs, RECORDS_PER_TASK), checkpoint, loaded.prep_config,
+                              chunk_size=RECORDS_PER_TASK, maps=with_maps, batch_size=args.batch_size,
+                              num_scorers=args.num_scorers, use_gpu=args.use_gpu, mode=args.mode,
+                              scorer_cpus=args.scorer_cpus)
+    index = {row["record_id"]: row for row in inputs.to_pylist()}
     results, maps, masks = [], [], []
     warnings: list[str] = []
-    for row in scored.iter_rows():
-        anomaly_map = score_map(row)
-        results.append({k: v for k, v in row.items() if k not in ("anomaly_map", "map_samples")})
-        if row["status"] == "ok" and anomaly_map is not None:
-            mask = np.load(root / row["mask_path"])
+    for chunk_results, chunk_maps in iter_scored(scored):
+        results += [{**index[r["record_id"]], **r} for r in chunk_results.to_pylist()]
+        for row in chunk_maps.to_pylist():
+            anomaly_map, mask = anomaly_map_of(row), np.load(root / index[row["record_id"]]["mask_path"])
             if mask.shape != anomaly_map.shape:   # maps are on the source axis, masks on the 500 Hz one
                 warnings.append(f"{row['record_id']}: map {anomaly_map.shape} and mask {mask.shape} differ; "
                                 "left out of the localization metrics")
@@ -171,25 +165,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_scores(labels, scores, loaded.threshold, maps=maps if with_maps and maps else None,
                               masks=masks if with_maps and maps else None, n_boot=args.n_boot)
 
-    out.mkdir(parents=True, exist_ok=True)
     plot_roc(labels, scores, metrics["record_auroc"]["value"], out / "roc.png")
     plots = plot_extremes(ok, args.plots, checkpoint, args.mode, out / "maps") if ok else []
     columns = ["record_id", "label", "status", "reason", "pred_score", "pred_label"]
-    pcsv.write_csv(pa.Table.from_pylist([{c: r[c] for c in columns} for r in sorted(results, key=lambda r: r["record_id"])]),
-                   out / "scores.csv")
-    by_status: dict[str, int] = {}
-    for r in results:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    with atomic_file(out / "scores.csv") as fh:
+        pcsv.write_csv(pa.Table.from_pylist([{c: r[c] for c in columns}
+                                             for r in sorted(results, key=lambda r: r["record_id"])]), fh)
     summary = {
         "checkpoint": str(checkpoint), "model_version": loaded.model_version, "data": str(root), "fold": args.fold,
-        "mode": args.mode, "records": len(results), "by_status": by_status,
+        "mode": args.mode, "records": len(results), "by_status": dict(Counter(r["status"] for r in results)),
         "not_scored": {r["record_id"]: r["reason"] for r in results if r["status"] != "ok"},
         "metrics": metrics, "warnings": warnings, "plots": ["roc.png", *plots],
         "wall_s": round(wall, 3), "records_per_s": round(len(results) / wall, 3),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "metrics.json", summary, sort_keys=False)
     auroc = metrics["record_auroc"]
-    _log(f"done in {wall:.1f} s: {len(ok)}/{len(results)} scored; record AUROC {auroc['value']} CI {auroc['ci95']}")
+    log.info(f"done in {wall:.1f} s: {len(ok)}/{len(results)} scored; record AUROC {auroc['value']} "
+             f"CI {auroc['ci95']}")
     print(json.dumps(summary))
     return 0
 

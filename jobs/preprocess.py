@@ -5,7 +5,7 @@
 
 ROOT is a PTB-XL root (real, or synthetic from ``ecgad.synth_dataset``; folds and labels come from its index) or any
 folder of ECG files (no folds or labels: preparable, not trainable). Records are listed on the driver, then read,
-validated and prepared in parallel Ray tasks (`ecgad.ray_data.prepare_rows`) and written by Ray Data; Ray Data's
+validated and prepared in parallel Ray tasks (`ecgad.ray.data.prepare_shard_rows`) and written by Ray Data; Ray Data's
 progress bars show the stages. Rejected records are rows too, and are listed with their reasons in
 ``SHARDS/rejections.parquet``.
 
@@ -22,17 +22,18 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import pyarrow.parquet as pq
-
+from ecgad.atomic import replace_directory, temporary_directory, write_json, write_parquet
 from ecgad.config import PrepConfig
-from ecgad.atomic import replace_directory
+from ecgad.inputs import list_inputs
+from ecgad.log import get_logger
 from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
+
+log = get_logger("jobs.preprocess")  # not __name__, which is "__main__" under `python -m`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the shards directory to create or bring up to date")
     parser.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
     return parser
-
-
-def _log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} jobs.preprocess: {message}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,14 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     fingerprint = input_fingerprint(root, cfg)
     manifest = layout.read_manifest()
     if manifest is not None and manifest.get("fingerprint") == fingerprint and not args.force:
-        _log(f"{out} is up to date with {root}; nothing to do (--force rebuilds)")
+        log.info(f"{out} is up to date with {root}; nothing to do (--force rebuilds)")
         print(json.dumps(manifest))
         return 0
 
     import ray
 
     from ecgad.checkpoint import git_commit
-    from ecgad.ray_data import PREPARE_TASK_MEMORY, inputs_dataset, list_inputs, prepare_shard_rows
+    from ecgad.ray.data import RECORDS_PER_TASK, inputs_dataset, prepare_memory, prepare_shard_rows
 
     inputs = list_inputs(root)
     if inputs.num_rows == 0:
@@ -79,30 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
 
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_directory(out)
     try:
-        _log(f"preparing {inputs.num_rows} records of {root} into {out}")
+        log.info(f"preparing {inputs.num_rows} records of {root} into {out}")
         (inputs_dataset(inputs)
          .map_batches(prepare_shard_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg},
-                      num_cpus=1, memory=PREPARE_TASK_MEMORY)
+                      num_cpus=1, memory=prepare_memory(RECORDS_PER_TASK))
          .write_parquet(str(ShardLayout(tmp).records), compression="zstd"))
         counts, rejections = summarize(ShardLayout(tmp).records)
-        pq.write_table(rejections, ShardLayout(tmp).rejections)
+        write_parquet(ShardLayout(tmp).rejections, rejections)
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "data": str(root),
             "prep_config": cfg.to_dict(), "storage_dtype": STORAGE_DTYPE, "counts": counts,
             "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 3),
         }
-        ShardLayout(tmp).manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # last: the completion marker
+        write_json(ShardLayout(tmp).manifest, manifest, sort_keys=False)  # last: the completion marker
         replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log(f"done in {manifest['wall_s']:.1f} s: {counts['ok']} prepared, {counts['rejected']} rejected "
+    log.info(f"done in {manifest['wall_s']:.1f} s: {counts['ok']} prepared, {counts['rejected']} rejected "
          f"{counts['rejected_by_reason']}; {counts['train_normals']} training normals (folds 1-8)")
     print(json.dumps(manifest))
     return 0

@@ -4,7 +4,7 @@
         [--num-scorers N] [--use-gpu] [--mode full|fast]
     ray job submit --working-dir . -- python -m jobs.score_archive ...      # the same, on a cluster
 
-Rerunning the same command after a kill resumes where the last committed chunk left off (see ``ecgad.archive``).
+Rerunning the same command after a kill resumes where the last committed chunk left off (see ``ecgad.ray.archive``).
 The last line on stdout is the run's summary as one JSON object (also written to ``OUT/summary.json``).
 Exit codes: 0 every input has its output row (rejected records included); 1 the job failed or the output is
 incomplete (rerun to resume); 2 bad usage, a bad checkpoint, or an output directory written with other settings.
@@ -54,8 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    from ecgad.archive import ArchiveError, ArchiveJobFailed, score_archive
+    from ecgad.archive import ArchiveError
     from ecgad.checkpoint import CheckpointError
+    from ecgad.inputs import InputError
+    from ecgad.ray.archive import ArchiveJobFailed, score_archive
 
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 min_scorers=args.min_scorers, use_gpu=args.use_gpu, mode=args.mode,
                                 scorer_cpus=args.scorer_cpus, scorer_threads=args.scorer_threads, default_fs=args.fs,
                                 fail_after_chunks=args.fail_after_chunks)
-    except (ArchiveError, CheckpointError) as err:
+    except (ArchiveError, CheckpointError, InputError) as err:
         print(f"score_archive: error: {err}", file=sys.stderr)
         return 2
     except ArchiveJobFailed as err:

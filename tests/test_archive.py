@@ -1,4 +1,4 @@
-"""Archive scoring (``jobs.score_archive`` / ``ecgad.archive``): every input exactly once with the right status,
+"""Archive scoring (``jobs.score_archive`` / ``ecgad.ray.archive``): every input exactly once with the right status,
 scores equal to the in-process `Scorer`'s, fault isolation, and resuming after a failure without duplicates or gaps.
 
 The archive mixes real records (PTB-XL at 500 and 100 Hz, CinC ``.mat``, a 38 s PTB record at 1000 Hz), synthetic
@@ -22,15 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ecgad.archive import (MAP_SCHEMA, RESULT_SCHEMA, ArchiveLayout, ScorerActor, list_chunks, prepare_chunks,
-                           table_from_ipc)
+from ecgad.archive import ArchiveLayout
 from ecgad.checkpoint import save_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.io import read_record
 from ecgad.model import MCF, MCFConfig
 from ecgad.preprocess import prepare
-from ecgad.ptbxl import list_record_files
-from ecgad.ray_data import failure_fields, prepare_path
+from ecgad.inputs import list_record_files
+from ecgad.ray.data import list_chunks, prepare_chunks
+from ecgad.ray.scoring import ScorerActor
+from ecgad.results import MAP_SCHEMA, RESULT_SCHEMA, table_from_ipc
+from ecgad.rows import failure_fields, prepare_path
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
 from ecgad.synth import generate_ecg
@@ -132,7 +134,7 @@ def test_mixed_archive_every_input_once_scores_match_in_process(ray_session, arc
         assert (row["status"], row["reason"]) == ("ok", ""), row["path"]
         assert row["pred_score"] == pytest.approx(scores.pred_score, rel=1e-5)
         assert row["pred_label"] == scores.pred_label
-        assert (row["n_beats"], row["windows_scored"]) == (scores.beats_used, scores.windows_scored)
+        assert (row["beats_used"], row["windows_scored"]) == (scores.beats_used, scores.windows_scored)
         stored = maps[row["record_id"]]
         anomaly_map = np.asarray(stored["anomaly_map"], np.float32).reshape(stored["n_leads"], stored["n_samples"])
         assert anomaly_map.shape == scores.anomaly_map.shape      # the record's own time axis
@@ -161,7 +163,7 @@ def test_failed_run_resumes_without_duplicates_or_gaps(ray_session, archive, che
     args = ["--input", str(root), "--checkpoint", str(checkpoint), "--out", str(out), "--maps", "--mode", "fast",
             "--chunk-size", "2", "--fs", str(NPY_FS)]
     # The failing run is a job process of its own on this module's cluster, as a failed job is (see
-    # ``ecgad.archive._execute`` on why an in-process failure under pytest's log capture would hold its actors).
+    # ``ecgad.ray.archive._execute`` on why an in-process failure under pytest's log capture would hold its actors).
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     failed = subprocess.run([sys.executable, "-m", "jobs.score_archive", *args, "--fail-after-chunks", "2"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -230,7 +232,7 @@ def test_unexpected_exception_in_a_record_becomes_an_error_row(monkeypatch, samp
     def broken_reader(path, default_fs):
         raise KeyError("boom")
 
-    monkeypatch.setattr("ecgad.ray_data.read_file", broken_reader)
+    monkeypatch.setattr("ecgad.rows.read_file", broken_reader)
     row = prepare_path("x.hea", "x", PrepConfig())
     assert (row["status"], row["reason"], row["path"]) == ("error", "KeyError: 'boom'", "x.hea")
 

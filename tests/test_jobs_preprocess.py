@@ -128,7 +128,7 @@ def _one_row_per_file(shards: Path, target: Path) -> Path:
 def test_training_reads_the_shard_files_in_a_new_seeded_order_every_epoch(ray_session, shards, tmp_path):
     from ray.data import DataContext
 
-    from ecgad.ray_data import read_shards
+    from ecgad.ray.data import read_shards
 
     copy = _one_row_per_file(shards, tmp_path / "shards")
     context = DataContext.get_current()

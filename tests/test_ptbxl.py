@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ecgad.ptbxl import iter_ptbxl_records, list_record_files, load_ptbxl_index
+from ecgad.inputs import list_record_files
+from ecgad.ptbxl import iter_ptbxl_records, load_ptbxl_index
 from ecgad.types import LEADS
 
 
