@@ -1,7 +1,7 @@
 """PTB-XL roots (the PhysioNet layout: ``ptbxl_database.csv``, ``scp_statements.csv``, ``records100/``,
 ``records500/``) as a labelled index and a stream of `Record`s, plus `list_record_files` for arbitrary folders.
 
-The label rule is ours, not the published code's (mcf-method.md "Our decisions" 3): a record is ``normal`` iff the
+The label rule is ours, not the published code's (docs/method.md §3.1, D3): a record is ``normal`` iff the
 set of diagnostic superclasses over *all* its ``scp_codes`` keys whose statement has ``diagnostic == 1``
 (likelihood ignored, as in PTB-XL's ``aggregate_diagnostic``) is exactly ``{NORM}``. A record with no diagnostic
 statement at all (rhythm/form statements only, e.g. atrial flutter) is ``abnormal``: nothing certifies it normal.
@@ -25,7 +25,7 @@ from ecgad.types import Record
 log = logging.getLogger(__name__)
 
 #: Metadata tables at the top of a PTB-XL root and label tables next to record sets: never ECGs themselves.
-#: PTB-XL's folds as mcf-method.md "Our decisions" 4 uses them: train on the normals of 1-8, select on 9, test on 10.
+#: PTB-XL's folds as docs/method.md §3.1 (D4) uses them: train on the normals of 1-8, select on 9, test on 10.
 TRAIN_FOLDS = (1, 2, 3, 4, 5, 6, 7, 8)
 VALIDATION_FOLD = 9
 TEST_FOLD = 10
