@@ -41,7 +41,7 @@ N_STAGES = 6
 #: Lines of the log shown when a stage fails.
 TAIL_LINES = 40
 
-log = get_logger(__name__)
+log = get_logger("jobs.demo")   # not __name__: run as `python -m jobs.demo`, that is "__main__"
 
 
 class StageFailed(RuntimeError):
