@@ -187,8 +187,7 @@ def _serve_and_score(stages: Stages, checkpoint: Path, data_root: Path, port: in
             service.wait(timeout=60)
         except subprocess.TimeoutExpired:
             service.kill()
-    stages.report("serve", result, f"{url}/ (stopped; `ecgad serve --checkpoint {_shown(checkpoint)}` keeps it up)",
-                  started)
+    stages.report("serve", result, f"{url}/ (stopped now)", started)
 
 
 # -- the batch stages ------------------------------------------------------------------------------------------------
@@ -203,7 +202,7 @@ def _data(stages: Stages, out: Path) -> Path:
     real = os.environ.get("ECGAD_DATA")
     if real:
         data_root = Path(real).resolve()
-        how = "PTB-XL root"
+        how = "records (PTB-XL root)"
     else:
         data_root = out / "synthetic"
         how = "synthetic records (reused)"
@@ -238,7 +237,7 @@ def _train(stages: Stages, shards: Path, run: Path, epochs: str) -> Path:
          "--name", "demo"]), "jobs.train")
     best = summary["best"]
     metric = str(best["selected_by"]).removeprefix("val_").replace("auroc", "AUROC")
-    stages.report("train", f"fold-9 {metric} {best['value']:.4g} at epoch {best['epoch']} of {len(summary['epochs'])}",
+    stages.report("train", f"fold-9 {metric} {best['value']:.3f} at epoch {best['epoch']} of {len(summary['epochs'])}",
                   _shown(Path(best["checkpoint"])), started)
     return Path(best["checkpoint"])
 
@@ -262,8 +261,9 @@ def _score_archive(stages: Stages, checkpoint: Path, data_root: Path, archive: P
         [PY, "-m", "jobs.score_archive", "--input", str(data_root), "--checkpoint", str(checkpoint),
          "--out", str(archive), "--mode", "fast"]), "jobs.score_archive")
     by_status = ", ".join(f"{count} {status}" for status, count in sorted(summary["by_status"].items()))
-    stages.report("archive", f"{summary['records']}/{summary['inputs']} records ({by_status}), "
-                  f"{summary['records_per_s']} records/s", _shown(archive), started)
+    rate = summary.get("records_per_s")
+    stages.report("archive", f"{summary['records']}/{summary['inputs']} records ({by_status})"
+                  + (f", {rate:.1f} records/s" if rate else ""), _shown(archive), started)
 
 
 def main() -> int:
@@ -288,7 +288,8 @@ def main() -> int:
         return 1
     finally:
         stages.close()
-    log.info("done in %s; full output in %s", _duration(time.perf_counter() - started), _shown(stages.log_path))
+    log.info("done in %s; full output in %s; `ecgad serve --checkpoint %s` serves the model",
+             _duration(time.perf_counter() - started), _shown(stages.log_path), _shown(checkpoint))
     return 0
 
 
