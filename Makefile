@@ -1,4 +1,6 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# `make test-fast` runs only the tests that start no Ray cluster, service, job or browser and train nothing long
+# (pytest markers `cluster` and `slow`, see pyproject.toml): the quick loop while editing.
 # Both create .venv in the repo on first use; later runs reuse it (the stamp makes a re-install a no-op).
 
 PYTHON ?= python3
@@ -11,7 +13,7 @@ WHEELS := $(wildcard /opt/wheels)
 PIP_FIND := $(if $(WHEELS),--find-links $(WHEELS),)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -24,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -m "not cluster and not slow" $(PYTEST_ARGS) tests
 
 demo: install
 	$(PY) -m jobs.demo

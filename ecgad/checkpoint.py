@@ -1,6 +1,6 @@
 """Checkpoints: one directory that holds everything needed to score exactly as the model was trained.
 
-Layout (DESIGN.md "A checkpoint is one directory")::
+Layout::
 
     <dir>/weights.pt     the model's state_dict (CPU tensors), loaded with ``torch.load(weights_only=True)``
     <dir>/config.json    model_config, prep_config, threshold (null when unknown), threshold_quantile, git_commit,

@@ -1,4 +1,4 @@
-"""Preprocessing configuration: the input geometry of the method (mcf-method.md §1), in one place.
+"""Preprocessing configuration: the input geometry of the method (docs/method.md §1.1), in one place.
 
 A checkpoint stores this next to the model config, so every scorer prepares records exactly as the model
 was trained on them.

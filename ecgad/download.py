@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.client
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -26,7 +25,10 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+from ecgad.atomic import atomic_file
+from ecgad.log import get_logger
+
+log = get_logger(__name__)
 
 PHYSIONET_PTBXL_URL = "https://physionet.org/files/ptb-xl/1.0.3/"
 SUMS_FILE = "SHA256SUMS.txt"
@@ -99,29 +101,47 @@ class _Fetcher:
                 continue
             actual = _sha256(part)
             if actual == expected:
+                # Not `ecgad.atomic`: its temporaries vanish on failure, and a ``.part`` must survive to be resumed.
+                # Renaming the verified ``.part`` is the same atomic publish.
                 os.replace(part, dest)
                 return True
             problem = f"sha256 {actual} does not match {expected} listed in {SUMS_FILE}"
         part.unlink(missing_ok=True)
         raise DownloadError(f"{self.url(rel)}: {problem} (after {ATTEMPTS} attempts)")
 
-    def transfer(self, rel: str, part: Path) -> None:
-        """Download into ``part``, resuming from its current size with a Range request where it exists."""
-        offset = part.stat().st_size if part.is_file() else 0
+    def open(self, rel: str, offset: int = 0):
+        """The HTTP response for ``rel`` from byte ``offset`` on. Failures are `DownloadError`s, except a 416 to a
+        ranged request, which stays an ``HTTPError`` so `transfer` can start over."""
         request = Request(self.url(rel), headers={"Range": f"bytes={offset}-"} if offset else {})
         try:
-            response = urlopen(request, timeout=TIMEOUT_S)
+            return urlopen(request, timeout=TIMEOUT_S)
         except HTTPError as exc:
-            if exc.code == 416 and offset:      # the .part is not a prefix of the file: start over
-                part.unlink()
-                return self.transfer(rel, part)
+            if exc.code == 416 and offset:
+                raise
             raise DownloadError(f"HTTP {exc.code} {exc.reason}") from exc
         except URLError as exc:
             raise DownloadError(f"cannot reach {self.url(rel)}: {exc.reason}") from exc
-        with response, open(part, "ab" if offset and response.status == 206 else "wb") as f:
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
 
+    def transfer(self, rel: str, part: Path) -> None:
+        """Download into ``part``, resuming from its current size with a Range request where it exists."""
+        offset = part.stat().st_size if part.is_file() else 0
+        try:
+            response = self.open(rel, offset)
+        except HTTPError:                       # 416: the .part is not a prefix of the file: start over
+            part.unlink()
+            return self.transfer(rel, part)
+        with response, open(part, "ab" if offset and response.status == 206 else "wb") as f:
+            _copy(response, f)
+
+    def fetch_whole(self, rel: str, dest: Path) -> None:
+        """Download ``rel`` to ``dest`` atomically, in one go (nothing to resume or verify it against)."""
+        with self.open(rel) as response, atomic_file(dest) as f:
+            _copy(response, f)
+
+
+def _copy(response, f) -> None:
+    while chunk := response.read(_CHUNK):
+        f.write(chunk)
 
 def download_ptbxl(out: str | Path, rate: int = 500, limit: int | None = None,
                    base_url: str = PHYSIONET_PTBXL_URL, *, workers: int = 8, progress: bool = True) -> Path:
@@ -143,10 +163,7 @@ def download_ptbxl(out: str | Path, rate: int = 500, limit: int | None = None,
 
     sums_path = root / SUMS_FILE
     if not sums_path.is_file():
-        part = sums_path.with_name(SUMS_FILE + ".part")
-        part.unlink(missing_ok=True)        # nothing can verify a partial trust anchor: fetch it whole
-        fetcher.transfer(SUMS_FILE, part)
-        os.replace(part, sums_path)
+        fetcher.fetch_whole(SUMS_FILE, sums_path)   # nothing can verify a partial trust anchor: fetch it whole
     fetcher.sums = parse_sums(sums_path.read_text())
     if not fetcher.sums:
         raise DownloadError(f"{sums_path} lists no files; delete it and retry")

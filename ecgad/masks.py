@@ -1,4 +1,4 @@
-"""Restoration masks (mcf-method.md §3 "Masking, training" and §4 "Settings"), as keep-multipliers.
+"""Restoration masks (docs/method.md §3.2 for training, §4.1 for testing), as keep-multipliers.
 
 A mask is a float vector over time, 1 where the model sees the sample and 0 where it is hidden; ``x * keep`` masks
 all leads at once (zero is the middle of the [-1, 1] scale). Training and testing use different masks, as published:

@@ -1,6 +1,6 @@
 """Detection and localization metrics, with record-level bootstrap confidence intervals.
 
-Conventions (mcf-method.md §4): label 1 = abnormal = the positive class; a higher score means more anomalous; a
+Conventions (docs/method.md §4.5): label 1 = abnormal = the positive class; a higher score means more anomalous; a
 record is called anomalous when ``score > threshold`` (the rule ``Scores.pred_label`` uses).
 
 Point level, the paper reports **one pooled AUROC over all points x leads x records** (``test.py:225``), not a mean

@@ -1,6 +1,6 @@
 """The Multi-scale Cross-restoration Framework (MCF; Jiang et al., MICCAI 2023), as one readable module.
 
-The network restores a masked ECG at two scales at once (mcf-method.md §2):
+The network restores a masked ECG at two scales at once (docs/method.md §2):
 
 - a **global** branch sees the masked 9.6 s, 12-lead signal, ``(B, 12, 4800)``;
 - a **local** branch sees one masked heartbeat ``[r-140, r+340)``, ``(B, 12, 480)``;
@@ -45,7 +45,7 @@ class MCFConfig:
     dropout: float = 0.1                               # attention probabilities and the attention residual
     local_mlp_ratio: int = 2                           # φ_l: tokens -> 2 x tokens -> beat tokens (137->274->1)
     global_mlp_ratio: int = 4                          # φ_g: tokens -> 4 x tokens -> global tokens (137->548->136)
-    trend_from_masked: bool = False                    # decision 7: the published trend sees the unmasked signal
+    trend_from_masked: bool = False                    # D7: the published trend sees the unmasked signal
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -282,7 +282,7 @@ class MCF(nn.Module):
         return MCFOutput(gen_global, global_logvar, gen_local, local_logvar, self.decode_trend(f_g_out, f_t))
 
     def trend_for(self, global_ecg: torch.Tensor, global_masked: torch.Tensor) -> torch.Tensor:
-        """What the trend branch sees: the TGM of the unmasked ECG (published), or of the masked one (decision 7)."""
+        """What the trend branch sees: the TGM of the unmasked ECG (published), or of the masked one (docs/method.md D7)."""
         return trend(global_masked if self.config.trend_from_masked else global_ecg)
 
 

@@ -1,4 +1,4 @@
-"""The restoration objective (mcf-method.md §3 "Loss") and the per-pass anomaly errors (§4).
+"""The restoration objective (docs/method.md §3.3) and the per-pass anomaly errors (§4.1).
 
 The global and local decoders predict, besides the signal, one log-variance ``s`` per time step (shared by the 12
 leads, Tanh-bounded to [-1, 1]). Their errors are weighted by ``exp(-s)``: the model may call a region uncertain

@@ -1,6 +1,6 @@
 """From a raw ``Record`` to what the model consumes: the reference's preparation chain, for any rate and length.
 
-The chain (mcf-method.md "Our decisions" 2 and 6, §1 "Filtering", "Normalization", "Local input"):
+The chain (docs/method.md §1, and §5 D2 and D6):
 
 1. resample to the model rate (500 Hz) with a polyphase filter;
 2. band-pass the *whole* record with HeartPy's chain (1 Hz high-pass, 35 Hz notch, 25 Hz low-pass, each run
@@ -130,7 +130,7 @@ def _unit_range(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize_minmax(signal: np.ndarray, lead_names: tuple[str, ...] = LEADS) -> np.ndarray:
-    """``(leads, samples)`` -> per-lead min-max to exactly [-1, 1] (the consistent normalization, decision 2).
+    """``(leads, samples)`` -> per-lead min-max to exactly [-1, 1] (the consistent normalization, docs/method.md D2).
 
     A lead with no range cannot be scaled: ``Rejection("flat_lead", <lead name>)`` for the first such lead.
     """

@@ -1,7 +1,7 @@
 """R-peaks exactly as HeartPy finds them, without the rest of ``heartpy.process``.
 
-The reference takes its beats around ``heartpy.process(lead II, 500.0)[0]["peaklist"]`` (mcf-method.md §1 "Local
-input"). ``process`` spends most of its time on heart-rate-variability measures (RR cleaning, Poincaré, breathing
+The reference takes its beats around ``heartpy.process(lead II, 500.0)[0]["peaklist"]`` (docs/method.md
+§1.5). ``process`` spends most of its time on heart-rate-variability measures (RR cleaning, Poincaré, breathing
 spectrum) that never touch that list. Only three steps do, and this module re-does exactly those, with the same
 numpy operations in the same order so every comparison sees the same bits (one exception, the moving average, is
 computed faster where that provably cannot change a comparison; see ``_above_thresholds``):

@@ -1,4 +1,4 @@
-"""Core value types shared by every entry point (see DESIGN.md "One path for the data").
+"""Core value types shared by every entry point (docs/method.md §1 describes the path they travel).
 
 Everything that reads, validates, prepares or scores an ECG passes these types around, so that a record
 scored online, in a batch job or from the CLI goes through exactly the same code.

@@ -3,7 +3,7 @@
 Every record of an archive passes through `validate`, so each check is one vectorized numpy pass over the
 ``(leads, samples)`` array, cheapest first (rate and length before any per-sample work). The preparation step
 divides by each lead's range and looks for heartbeats in a 10 s window; these checks make sure it never meets a
-NaN, a zero range or a record too short for one window (mcf-method.md "Our decisions" 5).
+NaN, a zero range or a record too short for one window (docs/method.md §1.7, D5).
 """
 
 from __future__ import annotations

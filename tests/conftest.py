@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sample data, read in place."""
+"""Shared fixtures (the real sample data, read in place; a local Ray session) and the marker rule for them."""
 
 from __future__ import annotations
 
@@ -40,3 +40,13 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that uses `ray_session` starts Ray, so it must be marked ``cluster``: `make test-fast`
+    (``-m "not cluster and not slow"``) relies on the marker to stay free of Ray. Refuse to run otherwise."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("cluster") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the ray_session fixture but are not marked cluster "
+                                f"(add `pytestmark = pytest.mark.cluster`): {unmarked}")

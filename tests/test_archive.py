@@ -41,6 +41,8 @@ from ecgad.validate import validate
 from jobs.score_archive import main
 from tests.corrupt import CORRUPTIONS, random_bytes
 
+pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
+
 SAMPLE_RECORDS = ("ptbxl/records500/06000/06000_hr", "ptbxl/records100/00000/00001_lr",
                   "other_12lead/cinc2021_georgia/E07503", "other_12lead/cinc2021_chapman_ningbo/JS20000",
                   "other_12lead/ptbdb/s0010_re")

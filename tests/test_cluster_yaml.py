@@ -152,6 +152,7 @@ def _ray_job(address: str, env: dict, *args: str) -> subprocess.CompletedProcess
                           text=True, timeout=600)
 
 
+@pytest.mark.cluster
 def test_job_submission_needs_the_token(head, tmp_path):
     address, env = head
     without = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}

@@ -23,6 +23,8 @@ from ecgad.types import Rejection
 from ecgad.validate import validate
 from jobs.preprocess import main
 
+pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
+
 N_RECORDS = 24
 
 

@@ -36,6 +36,8 @@ from ecgad.settings import REPO_ROOT
 from ecgad.synth_dataset import write_dataset
 from ecgad.validate import validate
 
+pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
+
 N_RECORDS = 40
 TRAIN_ARGS = ["--config", "small", "--batch-size", "4", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD"]
 EPOCH_LINE = re.compile(r"ecgad\.ray_train: epoch (\d+) reported")

@@ -26,6 +26,8 @@ from serve import bodies
 from serve.testing import local_config, local_service, random_checkpoint
 from tests.corrupt import CORRUPTIONS
 
+pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
+
 TOKEN = "test-token"
 MAX_BODY_MB = 16
 #: Small queues so that a modest burst overflows them (the overload test), one fixed replica per deployment.

@@ -24,6 +24,8 @@ from ecgad.synth_dataset import write_dataset
 from ecgad.train import train_local
 from ecgad.validate import validate
 
+pytestmark = pytest.mark.slow  # trains in-process for minutes (see pyproject.toml's markers)
+
 LEARNING_RECORDS = 240          # ~134 training normals in folds 1-8
 LEARNING_EPOCHS = 100
 LEARNING_RATE = 1e-3

@@ -14,6 +14,8 @@ import pytest
 from ecgad.settings import REPO_ROOT
 from serve.testing import local_config, local_service, random_checkpoint
 
+pytestmark = pytest.mark.cluster  # starts Ray Serve and a browser (see pyproject.toml's markers)
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 RECORD = "ptbxl/records500/06000/06000_hr"
