@@ -44,7 +44,9 @@ def read(path: Path) -> Decoded:
             warnings.simplefilter("ignore")
             dataset = pydicom.dcmread(path)
             groups = list(dataset.get("WaveformSequence") or [])
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+    except (EOFError, OSError) as exc:         # pydicom's "No tag to read at file position": data ends early
+        raise Rejection("truncated", "", f"{path.name}: DICOM data ends before its elements do: {exc}") from None
+    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Rejection("bad_file", "dicom", f"{path.name}: unreadable DICOM: {exc}") from None
     sop_class = str(dataset.get("SOPClassUID", ""))
     if sop_class not in ECG_SOP_CLASSES:
