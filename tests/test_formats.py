@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from ecgad.cli import main
 from ecgad.formats import sniff_format
 from ecgad.io import read_record
+from ecgad.leads import canonical_lead_name
 from ecgad.ptbxl import list_record_files
 from ecgad.synth import generate_ecg
 from ecgad.types import LEADS, Record, Rejection
@@ -66,6 +68,23 @@ def test_every_sample_file_reads(formats, name):
     assert record.fs == fs and record.signal.shape == (12, samples)
     assert record.metadata["derived_leads"] == derived and record.metadata["warnings"] == []
     assert 0.3 < _qrs_amplitude(record) < 4.0
+
+
+@pytest.mark.parametrize("name", [n for n in FILES if n != "dicom/ecgtoolkit_Example.dcm"])
+def test_samples_agree_with_an_independent_parser(formats, name):
+    """ecgdatakit parses every format on its own; our readers must give its samples, in mV, lead by lead.
+    (It turns the ECGToolkit DICOM's rhythm into NaN: that file declares padding value 0, an ordinary sample.)"""
+    from ecgdatakit import FileParser
+
+    record = read_record(formats / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = FileParser.parse(formats / name)
+    assert {lead.label for lead in reference.leads} >= {canonical_lead_name(n) for n in
+                                                         record.metadata["source_lead_names"]}
+    for lead in reference.leads:
+        ours = record.signal[LEADS.index(lead.label)]
+        np.testing.assert_allclose(ours, np.asarray(lead.samples)[: len(ours)], atol=1e-6, err_msg=lead.label)
 
 
 def test_three_formats_of_one_ecg_give_one_signal_and_one_score(formats):

@@ -24,25 +24,34 @@ READERS: dict[str, str] = {"dicom": "dicom", "hl7_aecg": "hl7_aecg", "ge_muse": 
 #: XML root element -> format.
 _XML_ROOTS: dict[str, str] = {"AnnotatedECG": "hl7_aecg", "RestingECG": "ge_muse", "restingecgdata": "philips"}
 
+#: Bytes read to recognize a format (an XML prolog with comments or a DOCTYPE can push the root element back).
+SNIFF_BYTES = 8192
+
+#: The usual suffix of each format, for writing an upload to a temporary file before `ecgad.io.read_record`.
+SUFFIXES: dict[str, str] = {"dicom": ".dcm", "hl7_aecg": ".xml", "ge_muse": ".xml", "philips": ".xml",
+                            "scp_ecg": ".scp", "edf": ".edf"}
+
 #: Suffixes that name a file of one of these formats in a folder of records. ``.xml`` files are also sniffed,
 #: because a folder may hold other XML (reports, configuration).
-_BINARY_SUFFIXES = frozenset({".dcm", ".scp", ".edf"})
-
-_SNIFF_BYTES = 8192
+_BINARY_SUFFIXES = frozenset(SUFFIXES.values()) - {".xml"}
 
 
 def sniff_format(path: str | Path) -> str | None:
-    """The format of ``path`` from its first bytes (a key of `READERS`), or None if it is none of these formats.
+    """The format of the file at ``path`` from its first bytes (`sniff_bytes`), or None (also if unreadable)."""
+    try:
+        with open(path, "rb") as file:
+            return sniff_bytes(file.read(SNIFF_BYTES))
+    except OSError:
+        return None
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """The format (a key of `READERS`) of a file starting with ``head`` (its first `SNIFF_BYTES`), or None.
 
     DICOM: ``DICM`` after the 128-byte preamble. SCP-ECG: ``SCPECG`` in section 0's header (bytes 16-21). EDF and
     EDF+: the version field ``0`` and seven spaces. XML: the root element (``AnnotatedECG``, ``RestingECG``,
-    ``restingecgdata``), in UTF-8 or UTF-16.
+    ``restingecgdata``), in UTF-8 or UTF-16. For an upload, this decides the body type from the content.
     """
-    try:
-        with open(path, "rb") as file:
-            head = file.read(_SNIFF_BYTES)
-    except OSError:
-        return None
     if head[128:132] == b"DICM":
         return "dicom"
     if head[16:22] == b"SCPECG":

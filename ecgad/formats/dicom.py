@@ -69,6 +69,8 @@ def read(path: Path) -> Decoded:
         units = [unit_to_mv(ch.ChannelSensitivityUnitsSequence[0].CodeValue)
                  if "ChannelSensitivityUnitsSequence" in ch else 1.0 for ch in channels]
         fs = float(group.SamplingFrequency)
+    except NotImplementedError as exc:         # mu-law / A-law samples, unusual bit depths
+        raise Rejection("bad_file", "dicom_encoding", f"{path.name}: {exc}") from None
     except (AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise Rejection("bad_file", "dicom", f"{path.name}: malformed waveform group: {exc}") from None
     decoded = Decoded(signal * np.array(units)[:, None], fs, [_lead_name(ch) for ch in channels],
