@@ -100,10 +100,10 @@ MASK_DIR = "masks"
 def list_record_files(root: str | Path) -> list[Path]:
     """Every ECG file under ``root`` (any depth), sorted: WFDB headers (``.hea``; one per record, whatever its
     signal files), ``.csv``, ``.npy``, ``.npz`` and the hospital formats (``.dcm``, ``.scp``, ``.edf``, and ``.xml``
-    whose root element is an ECG format's: `ecgad.formats.is_hospital_ecg_file`). Known metadata tables (``ptbxl_database.csv``,
-    ``scp_statements.csv``, ``labels.csv``) are skipped, and so is a ``masks/`` folder (where ``ecgad synth`` keeps
-    the ground-truth point masks, which are ``.npy`` arrays but not ECGs), so a PTB-XL root, a synthetic root or the
-    sample data can be scored as is.
+    whose root element is an ECG format's: `ecgad.formats.is_hospital_ecg_file`). Known metadata tables
+    (``ptbxl_database.csv``, ``scp_statements.csv``, ``labels.csv``) are skipped, and so is a ``masks/`` folder (where
+    ``ecgad synth`` keeps the ground-truth point masks, which are ``.npy`` arrays but not ECGs), so a PTB-XL root, a
+    synthetic root or the sample data can be scored as is.
     """
     root = Path(root)
     return sorted(path for path in root.rglob("*")

@@ -34,7 +34,8 @@ def read(path: Path) -> Decoded:
     try:
         fs = float(waveform.findtext("SampleBase", "")) * 10 ** int(waveform.findtext("SampleExponent", "0") or 0)
     except ValueError:
-        raise Rejection("bad_fs", "non_numeric", f"{path.name}: SampleBase {waveform.findtext('SampleBase')!r}") from None
+        raise Rejection("bad_fs", "non_numeric",
+                        f"{path.name}: SampleBase {waveform.findtext('SampleBase')!r}") from None
     names, leads = [], []
     for lead in waveform.findall("LeadData"):
         names.append((lead.findtext("LeadID") or "").strip())
