@@ -5,7 +5,7 @@ All entry points (training, archive scoring, the web service, the CLI) read thro
 `record_from_array`, so a file is interpreted the same way everywhere. A reader never raises anything but
 `Rejection` for bad input: an archive job turns it into a status row, the service into a 422 body.
 
-Formats (chosen by `read_record` from the path):
+Formats (chosen by `read_record` from the path, then from the content):
 
 - **WFDB**: a ``.hea`` header with its signal files (``.dat``, CinC-style ``.mat``, PTB ``.xyz``, ...), read with
   ``wfdb``. The path may name the header, any of its signal files, or the extension-less record. Physical units
@@ -32,8 +32,8 @@ Rates: a rate given as ``fs=`` fills in for a file that carries none; if the fil
 agree (``bad_fs`` otherwise), because silently preferring either would time-stretch the record.
 
 Rejection mapping (the hospital formats add their own ``bad_file:<detail>``, e.g. ``median_beat_only`` and
-``xml_entities``: docs/formats.md): unreadable, empty, unknown-format or random-byte files, missing signal files,
-unsupported WFDB formats -> ``bad_file``; a signal file shorter than its header announces -> ``truncated``; a signal file
+``xml_entities``: docs/formats.md): unreadable, empty, unknown-format or random-byte files, missing signal
+files, unsupported WFDB formats -> ``bad_file``; a signal file shorter than its header announces -> ``truncated``; a signal file
 sized for a different channel count, a checksum mismatch, or samples ``wfdb`` cannot lay out as the header
 describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate -> ``bad_fs``; an array
 that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems -> see `ecgad.leads`.
