@@ -35,8 +35,9 @@ Rejection mapping (the hospital formats add their own ``bad_file:<detail>``, e.g
 ``xml_entities``: docs/formats.md): unreadable, empty, unknown-format or random-byte files, missing signal
 files, unsupported WFDB formats -> ``bad_file``; a signal file shorter than its header announces ->
 ``truncated``; a signal file sized for a different channel count, a checksum mismatch, or samples ``wfdb`` cannot
-lay out as the header describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate -> ``bad_fs``; an array
-that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems -> see `ecgad.leads`.
+lay out as the header describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate ->
+``bad_fs``; an array that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems ->
+see `ecgad.leads`.
 A file cut exactly at a whole number of channels is indistinguishable from a channel-count mismatch and is
 reported as ``header_mismatch``.
 """
