@@ -5,7 +5,7 @@ EDF is a polygraphy container, so only channels labelled as ECG leads are taken 
 (EEG, respiration, SpO2...) are listed in ``metadata["ignored_channels"]``. Physical values come from each signal's
 physical/digital range, in its physical dimension (``uV``, ``mV``, ``V``). The file size is compared with what the
 header declares (header bytes + records x samples per record x 2) before decoding. EDF+ annotations naming a
-pacemaker become a warning.
+pacemaker become a warning. EDF+D (discontinuous records) is refused: its samples have no single time axis.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _ecg_lead(label: str) -> str | None:
 
 
 def _check_declared_size(path: Path) -> None:
-    """``truncated`` when the file is shorter than its header declares (EDF stores 2-byte samples)."""
+    """``truncated`` when the file is shorter than its header declares (EDF stores 2-byte samples); EDF+D refused."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         fixed = file.read(256)
@@ -75,6 +75,8 @@ def _check_declared_size(path: Path) -> None:
             header_bytes, records, n_signals = int(fixed[184:192]), int(fixed[236:244]), int(fixed[252:256])
         except ValueError:
             raise Rejection("bad_file", "edf", f"{path.name}: non-numeric EDF header fields") from None
+        if fixed[192:197] == b"EDF+D":         # records with gaps between them: no single time axis
+            raise Rejection("bad_file", "edf_discontinuous", f"{path.name}: EDF+D (discontinuous) is not supported")
         check_declared_bytes(size, header_bytes, path.name)
         file.seek(256 + n_signals * 216)
         try:
