@@ -16,6 +16,7 @@ from ecgad.cli import main
 from ecgad.formats import sniff_format
 from ecgad.io import read_record
 from ecgad.leads import canonical_lead_name
+from ecgad.preprocess import prepare
 from ecgad.ptbxl import list_record_files
 from ecgad.synth import generate_ecg
 from ecgad.types import LEADS, Record, Rejection
@@ -181,6 +182,7 @@ def test_pacemaker_spikes_flagged_by_the_device_warn(formats, tmp_path):
     record = read_record(aecg)
     assert record.metadata["pacemaker_spikes"] == 2
     assert record.metadata["warnings"][0].startswith("pacemaker:")
+    assert prepare(validate(record)).metadata["warnings"][0] == record.metadata["warnings"][0]  # on to Scores
 
 
 def test_several_rhythm_series_score_the_first_and_warn(formats, tmp_path):
