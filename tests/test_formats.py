@@ -149,6 +149,55 @@ def test_truncated_copies_are_rejected(formats, tmp_path, name):
     assert _reason(copy) == "truncated"
 
 
+def test_mixed_folder_lists_and_reads_every_file_with_the_right_status(formats, sample_data, tmp_path):
+    """What `jobs.score_archive` and `jobs.preprocess` do per file: list the folder, read, validate."""
+    base = sample_data / "ptbxl/records500/06000/06000_hr"
+    for suffix in (".hea", ".dat"):
+        shutil.copy(base.with_suffix(suffix), tmp_path)
+    real = read_record(base)
+    np.save(tmp_path / "array.npy", real.signal)
+    np.savetxt(tmp_path / "table.csv", real.signal.T, delimiter=",", header="fs=500\n" + ",".join(LEADS),
+               comments="# ", fmt="%.6g")
+    expected = {"06000_hr": "ok", "array": "bad_fs:missing", "table": "ok"}
+    for name in FILES:
+        data = (formats / name).read_bytes()
+        stem = Path(name).name.split(".")[0]
+        (tmp_path / Path(name).name).write_bytes(data)
+        (tmp_path / f"cut_{Path(name).name}").write_bytes(data[: len(data) // 2])
+        expected[stem] = "flat_lead:V1" if name == EDF else "ok"
+        expected[f"cut_{stem}"] = "truncated"
+    (tmp_path / "settings.xml").write_text("<config/>")          # not an ECG: not listed
+    statuses = {}
+    for path in list_record_files(tmp_path):
+        try:
+            validate(read_record(path))
+            statuses[path.name.split(".")[0]] = "ok"
+        except Rejection as rejection:
+            statuses[path.name.split(".")[0]] = rejection.reason
+    assert statuses == expected
+
+
+def test_uncompressed_philips_keeps_its_limb_leads(formats, tmp_path):
+    """An uncompressed Philips file stores III, aVR, aVL, aVF as measured: no residual rebuild (that is XLI's)."""
+    import base64
+    import re
+
+    source = formats / "philips_xml/3191723_ZZDEMOPTONLY_1-04_orig.xml"
+    xli = read_record(source)
+    counts = np.round(xli.signal / 5e-3).astype("<i2")           # 5 µV per count, the calibration already cut
+    text = source.read_bytes().decode("utf-16")
+    text = re.sub(r'compression="XLI"', 'compression="Uncompressed"', text)
+    text = re.sub(r'durationperchannel="\d+"', f'durationperchannel="{counts.shape[1] * 2}"', text)
+    start = text.index(">", text.index("<parsedwaveforms")) + 1
+    end = text.index("</parsedwaveforms>")
+    text = text[:start] + base64.b64encode(counts.tobytes()).decode() + text[end:]
+    plain = tmp_path / "plain.xml"
+    plain.write_bytes(text.encode("utf-16"))
+    record = read_record(plain)
+    assert record.metadata["compression"] == "Uncompressed"
+    np.testing.assert_allclose(record.signal, xli.signal, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", FILES)
 def test_cli_inspect(formats, capsys, name):
     code = main(["inspect", str(formats / name), "--json"])

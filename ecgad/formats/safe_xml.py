@@ -11,7 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from defusedxml import DefusedXmlException, EntitiesForbidden, ExternalReferenceForbidden
+from defusedxml import DefusedXmlException, EntitiesForbidden
 from defusedxml.ElementTree import fromstring
 
 from ecgad.types import Rejection
@@ -46,8 +46,10 @@ def root_name(head: bytes) -> str | None:
 
 def parse_xml(path: Path) -> ET.Element:
     """The document's root element with namespaces stripped from every tag (the formats' element names are
-    unambiguous), or a typed `Rejection`: ``too_large``, ``bad_file:xml_entities`` (any entity declaration),
-    ``bad_file:xml_external`` (an external reference), ``truncated`` (the document stops early), ``bad_file:xml``.
+    unambiguous), or a typed `Rejection`: ``too_large``, ``bad_file:xml_entities`` (any entity declaration, internal
+    or external: refused when declared, before anything is expanded or fetched), ``truncated`` (the document stops
+    early), ``bad_file:xml`` (not well-formed, or another construct defusedxml refuses). An external DTD named in a
+    DOCTYPE is never fetched (expat does not load external subsets).
     """
     size = path.stat().st_size
     if size > MAX_XML_BYTES:
@@ -56,8 +58,6 @@ def parse_xml(path: Path) -> ET.Element:
         root = fromstring(path.read_bytes(), forbid_dtd=False, forbid_entities=True, forbid_external=True)
     except EntitiesForbidden:
         raise Rejection("bad_file", "xml_entities", f"{path.name} declares XML entities (refused)") from None
-    except ExternalReferenceForbidden:
-        raise Rejection("bad_file", "xml_external", f"{path.name} references external XML resources") from None
     except DefusedXmlException as exc:
         raise Rejection("bad_file", "xml", f"{path.name}: refused XML construct: {exc}") from None
     except ET.ParseError as exc:
