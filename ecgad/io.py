@@ -48,7 +48,7 @@ import csv
 import math
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,9 @@ def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequen
         reader, file = _read_numpy, path
     elif path.with_suffix(".hea").is_file():   # a WFDB signal file (.dat, .mat, .xyz, ...)
         reader, file = _read_wfdb, path.with_suffix(".hea")
-    elif path.is_file() and path.stat().st_size and (fmt := sniff_format(path)):
+    elif (fmt := sniff_format(path)) is not None:      # by content: DICOM, SCP-ECG, EDF, the ECG XML formats
         reader, file = _hospital_reader(fmt), path
-    elif path.is_file() and not path.stat().st_size:
+    elif path.is_file() and path.stat().st_size == 0:
         raise Rejection("bad_file", "empty", f"{path} is empty")
     else:
         raise Rejection("bad_file", "unknown_format" if path.exists() else "no_such_file", f"cannot read {path}")
@@ -244,8 +244,8 @@ def _check_checksums(rec: wfdb.Record) -> None:
 
 # --- hospital formats --------------------------------------------------------------------------------------------
 
-def _hospital_reader(fmt: str):
-    """A reader for one of `ecgad.formats` (``fmt`` from `sniff_format`), with `read_record`'s signature."""
+def _hospital_reader(fmt: str) -> Callable[[Path, float | None, Sequence[str] | None], Record]:
+    """A reader for one of `ecgad.formats` (``fmt`` from `sniff_format`), with the other readers' signature."""
     def read(path: Path, fs: float | None, lead_names: Sequence[str] | None) -> Record:
         decoded = decode(path, fmt)
         rate = _resolve_fs(decoded.fs, fs)

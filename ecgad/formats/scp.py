@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only, unit_to_mv
+from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only, stack_leads, unit_to_mv
 from ecgad.types import Rejection
 
 #: What ecgdatakit and the struct/array code under it raise on a malformed file.
@@ -43,11 +43,9 @@ def read(path: Path) -> Decoded:
     rates = {lead.sampling_rate for lead in record.leads}
     if len(rates) != 1:
         raise Rejection("bad_fs", "mixed", f"{path.name}: leads sampled at {sorted(rates)} Hz")
-    leads = [np.asarray(lead.samples, dtype=np.float64) * lead.resolution + lead.offset for lead in record.leads]
-    scale = np.array([[unit_to_mv(lead.resolution_unit or "uV")] for lead in record.leads])
-    if len({len(lead) for lead in leads}) != 1:
-        raise Rejection("bad_shape", "lead_lengths", f"{path.name}: leads of different lengths")
-    decoded = Decoded(np.stack(leads) * scale, float(rates.pop()), [lead.label for lead in record.leads],
+    leads = [(np.asarray(lead.samples, dtype=np.float64) * lead.resolution + lead.offset)
+             * unit_to_mv(lead.resolution_unit or "uV") for lead in record.leads]
+    decoded = Decoded(stack_leads(leads, path.name), float(rates.pop()), [lead.label for lead in record.leads],
                       {"format": "scp_ecg", "checksum_valid": record.raw_metadata.get("checksum_valid")})
     decoded.warn_pacemaker(len(record.raw_metadata.get("pacemaker_spikes") or []), "SCP-ECG section 7")
     return decoded
