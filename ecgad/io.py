@@ -176,7 +176,7 @@ def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | 
         raise Rejection("header_mismatch", "layout",
                         f"wfdb cannot read the samples as the header describes: {exc}") from None
     _check_checksums(rec)
-    scale = np.array([unit_to_mv(unit) for unit in rec.units])
+    scale = np.array([unit_to_mv(unit or "mV") for unit in rec.units])   # WFDB: no unit means mV
     metadata = {"path": str(header_path), "format": "wfdb", "units": list(rec.units), "comments": list(rec.comments)}
     names = lead_names if lead_names is not None else rec.sig_name
     return _assemble((physical * scale).T, rate, names, base.name, metadata)

@@ -11,13 +11,13 @@ import numpy as np
 from ecgad.types import Rejection
 
 #: Physical units an ECG file may state, as a factor to mV (WFDB, DICOM/UCUM, HL7 PQ units, MUSE, EDF spellings).
-#: An empty unit is mV: WFDB's default; the other readers never pass an empty unit.
-_UNIT_TO_MV: dict[str, float] = {"": 1.0, "mv": 1.0, "millivolts": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3,
+_UNIT_TO_MV: dict[str, float] = {"mv": 1.0, "millivolts": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3,
                                  "microvolts": 1e-3, "nv": 1e-6, "nanovolts": 1e-6, "v": 1e3, "volts": 1e3}
 
 
 def unit_to_mv(unit: str | None) -> float:
-    """The factor that turns a value in ``unit`` into mV; ``bad_file:unit`` for anything that is not a voltage."""
+    """The factor that turns a value in ``unit`` into mV; ``bad_file:unit`` for anything that is not a voltage,
+    a missing unit included (a reader whose format defines a default passes that default)."""
     try:
         return _UNIT_TO_MV[(unit or "").strip().lower()]
     except KeyError:

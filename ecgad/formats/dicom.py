@@ -66,8 +66,8 @@ def read(path: Path) -> Decoded:
         padding = group.get("WaveformPaddingValue")
         if padding is not None:
             signal = signal[:, :_unpadded_length(multiplex_array(dataset, index, as_raw=True).T, padding)]
-        units = [unit_to_mv(ch.ChannelSensitivityUnitsSequence[0].CodeValue)
-                 if "ChannelSensitivityUnitsSequence" in ch else 1.0 for ch in channels]
+        units = [unit_to_mv(ch.ChannelSensitivityUnitsSequence[0].CodeValue
+                            if "ChannelSensitivityUnitsSequence" in ch else None) for ch in channels]
         fs = float(group.SamplingFrequency)
     except NotImplementedError as exc:         # mu-law / A-law samples, unusual bit depths
         raise Rejection("bad_file", "dicom_encoding", f"{path.name}: {exc}") from None

@@ -81,8 +81,9 @@ def _lead_mv(sequence: ET.Element, path: Path) -> np.ndarray:
         raise Rejection("bad_file", "no_samples", f"{path.name}: lead {_code(sequence)} has no scale or digits")
     try:
         samples = np.array((digits.text or "").split(), dtype=np.float64)
-        offset = float(origin.get("value", "0")) * unit_to_mv(origin.get("unit", "uV")) if origin is not None else 0.0
-        factor = float(scale.get("value", "")) * unit_to_mv(scale.get("unit", "uV"))
+        factor = float(scale.get("value", "")) * unit_to_mv(scale.get("unit"))
+        offset = 0.0 if origin is None else float(origin.get("value", "0")) * unit_to_mv(
+            origin.get("unit") or scale.get("unit"))       # an origin without unit is in the scale's
     except ValueError:
         raise Rejection("bad_file", "non_numeric", f"{path.name}: lead {_code(sequence)} is not numeric") from None
     return offset + factor * samples

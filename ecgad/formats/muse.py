@@ -71,4 +71,5 @@ def _lead_mv(lead: ET.Element, what: str) -> np.ndarray:
     if crc and crc.strip().isdigit() and zlib.crc32(data[:declared_bytes]) != int(crc):
         raise Rejection("header_mismatch", "checksum", f"{what}: CRC-32 of the samples disagrees with the file")
     samples = np.frombuffer(data[:declared_bytes], dtype="<i2").astype(np.float64)
-    return samples * per_bit * unit_to_mv(lead.findtext("LeadAmplitudeUnits", "MICROVOLTS"))
+    # MUSE states MICROVOLTS; older exports leave the element out, with the same meaning.
+    return samples * per_bit * unit_to_mv(lead.findtext("LeadAmplitudeUnits") or "MICROVOLTS")

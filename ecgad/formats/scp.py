@@ -44,7 +44,7 @@ def read(path: Path) -> Decoded:
     if len(rates) != 1:
         raise Rejection("bad_fs", "mixed", f"{path.name}: leads sampled at {sorted(rates)} Hz")
     leads = [(np.asarray(lead.samples, dtype=np.float64) * lead.resolution + lead.offset)
-             * unit_to_mv(lead.resolution_unit or "uV") for lead in record.leads]
+             * unit_to_mv(lead.resolution_unit or "uV") for lead in record.leads]   # SCP fixes nV per count
     decoded = Decoded(stack_leads(leads, path.name), float(rates.pop()), [lead.label for lead in record.leads],
                       {"format": "scp_ecg", "checksum_valid": record.raw_metadata.get("checksum_valid")})
     decoded.warn_pacemaker(len(record.raw_metadata.get("pacemaker_spikes") or []), "SCP-ECG section 7")
