@@ -24,16 +24,15 @@ _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 def read(path: Path) -> Decoded:
     root = parse_xml(path)
-    series = [s for component in root.findall("component") for s in component.findall("series")]
-    rhythm = [s for s in series if _code(s) in ("RHYTHM", "")]
+    rhythm = [s for s in root.findall("component/series") if _code(s) in ("RHYTHM", "")]
     if not rhythm:
         if root.find(".//derivedSeries") is not None:
             raise median_beat_only("HL7 aECG derivedSeries")
         raise Rejection("bad_file", "no_waveform", f"{path.name}: no rhythm series")
-    sets = [s for component in rhythm[0].findall("component") for s in component.findall("sequenceSet")]
+    sets = rhythm[0].findall("component/sequenceSet")
     if not sets:
         raise Rejection("bad_file", "no_waveform", f"{path.name}: the rhythm series has no sequenceSet")
-    sequences = [seq for component in sets[0].findall("component") for seq in component.findall("sequence")]
+    sequences = sets[0].findall("component/sequence")
     fs = _rate([seq for seq in sequences if _code(seq).startswith("TIME_")], path)
     names, leads = [], []
     for seq in sequences:
