@@ -29,26 +29,21 @@ def read(path: Path) -> Decoded:
     _check_declared_size(path)
     try:
         edf = edfio.read_edf(path)
-        signals = list(edf.signals)
-        annotations = [a.text for a in edf.annotations] if hasattr(edf, "annotations") else []
+        labelled = [(signal, _ecg_lead(signal.label)) for signal in edf.signals]
+        taken = [(signal, name) for signal, name in labelled if name]
+        if not taken:
+            raise Rejection("missing_lead", "I", f"{path.name}: no ECG channel among {[s.label for s, _ in labelled]}")
+        rates = {float(signal.sampling_frequency) for signal, _ in taken}
+        if len(rates) != 1:
+            raise Rejection("bad_fs", "mixed", f"{path.name}: ECG channels sampled at {sorted(rates)} Hz")
+        leads = np.stack([signal.data * unit_to_mv(signal.physical_dimension) for signal, _ in taken])
+        paced = sum("pace" in (annotation.text or "").lower() for annotation in edf.annotations)
     except (ValueError, IndexError, KeyError, TypeError, OSError, EOFError, UnicodeDecodeError) as exc:
         raise Rejection("bad_file", "edf", f"{path.name}: unreadable EDF: {exc}") from None
-    taken, names, ignored = [], [], []
-    for signal in signals:
-        name = _ecg_lead(signal.label)
-        (taken if name else ignored).append(signal)
-        if name:
-            names.append(name)
-    if not taken:
-        raise Rejection("missing_lead", "I", f"{path.name}: no ECG channel among {[s.label for s in signals]}")
-    rates = {float(signal.sampling_frequency) for signal in taken}
-    if len(rates) != 1:
-        raise Rejection("bad_fs", "mixed", f"{path.name}: ECG channels sampled at {sorted(rates)} Hz")
-    leads = np.stack([signal.data * unit_to_mv(signal.physical_dimension) for signal in taken])
-    decoded = Decoded(leads, rates.pop(), names,
-                      {"format": "edf", "ignored_channels": [s.label for s in ignored],
-                       "units": [s.physical_dimension for s in taken]})
-    decoded.warn_pacemaker(sum("pace" in (text or "").lower() for text in annotations), "EDF+ annotations")
+    decoded = Decoded(leads, rates.pop(), [name for _, name in taken],
+                      {"format": "edf", "ignored_channels": [s.label for s, name in labelled if not name],
+                       "units": [signal.physical_dimension for signal, _ in taken]})
+    decoded.warn_pacemaker(paced, "EDF+ annotations")
     return decoded
 
 
