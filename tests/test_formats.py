@@ -4,6 +4,7 @@ of one ECG against each other, synthetic round trips through the writers, and th
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tracemalloc
 import warnings
@@ -279,6 +280,31 @@ def test_xml_bomb_and_external_entity_are_refused_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 20 * 2**20
+
+
+def test_scp_sample_counts_are_bounded_before_decoding(formats, monkeypatch):
+    """Section 3 declares each lead's sample range; the decoder would allocate it whatever it is."""
+    import ecgad.formats.scp as scp
+
+    monkeypatch.setattr(scp, "MAX_SAMPLES_PER_LEAD", 4999)
+    assert _reason(formats / "scp_ecg/ecgtoolkit_Example.scp") == "too_large"
+
+
+def test_damaged_files_only_ever_raise_rejection(formats, tmp_path):
+    """Random byte changes (more of them in the headers) give a typed rejection or a record, never a crash."""
+    rng = random.Random(7)
+    for name in FILES:
+        data = (formats / name).read_bytes()
+        for _ in range(6):
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                damaged[rng.randrange(min(len(data), 2048) if rng.random() < 0.5 else len(data))] = rng.randrange(256)
+            path = tmp_path / Path(name).name
+            path.write_bytes(bytes(damaged))
+            try:
+                read_record(path)
+            except Rejection:
+                pass
 
 
 # --- synthetic round trips through the writers ----------------------------------------------------------------------

@@ -3,6 +3,7 @@ warnings and the refusals that several formats share (median beat only, declared
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,3 +74,11 @@ def stack_leads(leads: list[np.ndarray], what: str) -> np.ndarray:
     if len(lengths) != 1:
         raise Rejection("bad_shape", "lead_lengths", f"{what}: leads of different lengths {sorted(lengths)}")
     return np.stack(leads)
+
+
+def decode_base64(text: str | None, what: str) -> bytes:
+    """Base64 text (whitespace ignored) as bytes; ``bad_file:base64`` for anything else (non-ASCII included)."""
+    try:
+        return base64.b64decode("".join((text or "").split()), validate=True)
+    except ValueError:                      # binascii.Error, and non-ASCII text
+        raise Rejection("bad_file", "base64", f"{what}: waveform data is not base64") from None

@@ -36,7 +36,7 @@ _MEDIAN_LABELS = ("MEDIAN", "REPRESENTATIVE", "AVERAGE")
 
 def read(path: Path) -> Decoded:
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
     from pydicom.waveforms.numpy_handler import multiplex_array
 
     try:
@@ -46,7 +46,7 @@ def read(path: Path) -> Decoded:
             groups = list(dataset.get("WaveformSequence") or [])
     except (EOFError, OSError) as exc:         # pydicom's "No tag to read at file position": data ends early
         raise Rejection("truncated", "", f"{path.name}: DICOM data ends before its elements do: {exc}") from None
-    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (InvalidDicomError, BytesLengthException, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise Rejection("bad_file", "dicom", f"{path.name}: unreadable DICOM: {exc}") from None
     sop_class = str(dataset.get("SOPClassUID", ""))
     if sop_class not in ECG_SOP_CLASSES:
@@ -71,7 +71,7 @@ def read(path: Path) -> Decoded:
         fs = float(group.SamplingFrequency)
     except NotImplementedError as exc:         # mu-law / A-law samples, unusual bit depths
         raise Rejection("bad_file", "dicom_encoding", f"{path.name}: {exc}") from None
-    except (AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
+    except (BytesLengthException, AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise Rejection("bad_file", "dicom", f"{path.name}: malformed waveform group: {exc}") from None
     decoded = Decoded(signal * np.array(units)[:, None], fs, [_lead_name(ch) for ch in channels],
                       {"format": "dicom", "sop_class": ECG_SOP_CLASSES[sop_class],

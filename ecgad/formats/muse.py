@@ -9,15 +9,14 @@ II as the device does. Sizes are compared with the declarations before decoding,
 
 from __future__ import annotations
 
-import base64
-import binascii
 import zlib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import xml.etree.ElementTree as ET
 
-from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only, stack_leads, unit_to_mv
+from ecgad.formats.common import (Decoded, check_declared_bytes, decode_base64, median_beat_only, stack_leads,
+                                  unit_to_mv)
 from ecgad.formats.safe_xml import parse_xml
 from ecgad.types import Rejection
 
@@ -60,12 +59,9 @@ def _lead_mv(lead: ET.Element, what: str) -> np.ndarray:
         raise Rejection("bad_file", "format", f"{what}: {sample_size}-byte samples (only int16 is defined)")
     if declared_bytes != count * sample_size:
         raise Rejection("header_mismatch", "size", f"{what}: {declared_bytes} bytes declared for {count} samples")
-    text = "".join((lead.findtext("WaveFormData") or "").split())
-    check_declared_bytes(len(text) * 3 // 4, declared_bytes, what)     # before decoding
-    try:
-        data = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise Rejection("bad_file", "base64", f"{what}: WaveFormData is not base64") from None
+    text = lead.findtext("WaveFormData") or ""
+    check_declared_bytes(len(text) * 3 // 4, declared_bytes, what)     # before decoding (whitespace only adds)
+    data = decode_base64(text, what)
     check_declared_bytes(len(data), declared_bytes, what)
     crc = lead.findtext("LeadDataCRC32")
     if crc and crc.strip().isdigit() and zlib.crc32(data[:declared_bytes]) != int(crc):

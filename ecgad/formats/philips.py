@@ -16,14 +16,12 @@ when it holds the pulse; ``metadata["calibration_dropped"]`` says how many sampl
 
 from __future__ import annotations
 
-import base64
-import binascii
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import xml.etree.ElementTree as ET
 
-from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only
+from ecgad.formats.common import Decoded, check_declared_bytes, decode_base64, median_beat_only
 from ecgad.formats.safe_xml import parse_xml
 from ecgad.types import Rejection
 
@@ -48,10 +46,7 @@ def read(path: Path) -> Decoded:
     samples = round(_number(waveforms.get("durationperchannel"), "durationperchannel", path) * fs / 1000)
     if waveforms.get("dataencoding", "Base64") != "Base64":
         raise Rejection("bad_file", "encoding", f"{path.name}: waveform encoding {waveforms.get('dataencoding')!r}")
-    try:
-        data = base64.b64decode("".join((waveforms.text or "").split()), validate=True)
-    except binascii.Error:
-        raise Rejection("bad_file", "base64", f"{path.name}: parsedwaveforms is not base64") from None
+    data = decode_base64(waveforms.text, f"{path.name} parsedwaveforms")
     compression = waveforms.get("compressmethod") or waveforms.get("compression") or "Uncompressed"
     if compression == "XLI":
         counts = _xli_decode(data, names, samples, path)
