@@ -37,43 +37,47 @@ _MEDIAN_LABELS = ("MEDIAN", "REPRESENTATIVE", "AVERAGE")
 def read(path: Path) -> Decoded:
     import pydicom
     from pydicom.errors import BytesLengthException, InvalidDicomError
-    from pydicom.waveforms.numpy_handler import multiplex_array
 
     try:
         with warnings.catch_warnings():        # invalid UIDs and similar value warnings: the waveform is intact
             warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(path)
-            groups = list(dataset.get("WaveformSequence") or [])
+            return _decode(pydicom.dcmread(path), path)
     except (EOFError, OSError) as exc:         # pydicom's "No tag to read at file position": data ends early
         raise Rejection("truncated", "", f"{path.name}: DICOM data ends before its elements do: {exc}") from None
-    except (InvalidDicomError, BytesLengthException, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise Rejection("bad_file", "dicom", f"{path.name}: unreadable DICOM: {exc}") from None
+    except NotImplementedError as exc:         # an unknown value representation, mu-law / A-law samples
+        raise Rejection("bad_file", "dicom_unsupported", f"{path.name}: {exc}") from None
+    except (InvalidDicomError, BytesLengthException, ValueError, KeyError, TypeError, IndexError,
+            AttributeError) as exc:
+        raise Rejection("bad_file", "dicom", f"{path.name}: malformed DICOM: {exc}") from None
+
+
+def _decode(dataset, path: Path) -> Decoded:
+    """The rhythm group of a parsed dataset. pydicom converts elements when they are first accessed, so anything
+    here may raise what `read` maps to a rejection."""
+    from pydicom.waveforms.numpy_handler import multiplex_array
+
     sop_class = str(dataset.get("SOPClassUID", ""))
     if sop_class not in ECG_SOP_CLASSES:
         raise Rejection("bad_file", "dicom_not_ecg", f"{path.name}: SOP class {sop_class or '?'} is not an ECG")
+    groups = list(dataset.get("WaveformSequence") or [])
     rhythm = [i for i, group in enumerate(groups) if not _is_median(group)]
     if not rhythm:
         if groups:
             raise median_beat_only("DICOM median multiplex group")
         raise Rejection("bad_file", "no_waveform", f"{path.name}: no WaveformSequence")
     index, group = rhythm[0], groups[rhythm[0]]
-    try:
-        channels = list(group.ChannelDefinitionSequence)
-        declared = int(group.NumberOfWaveformChannels) * int(group.NumberOfWaveformSamples) \
-            * int(group.WaveformBitsAllocated) // 8
-        check_declared_bytes(len(group.WaveformData), declared, path.name)
-        signal = multiplex_array(dataset, index, as_raw=False).T.astype(np.float64)
-        padding = group.get("WaveformPaddingValue")
-        if padding is not None:
-            signal = signal[:, :_unpadded_length(multiplex_array(dataset, index, as_raw=True).T, padding)]
-        units = [unit_to_mv(ch.ChannelSensitivityUnitsSequence[0].CodeValue
-                            if "ChannelSensitivityUnitsSequence" in ch else None) for ch in channels]
-        fs = float(group.SamplingFrequency)
-    except NotImplementedError as exc:         # mu-law / A-law samples, unusual bit depths
-        raise Rejection("bad_file", "dicom_encoding", f"{path.name}: {exc}") from None
-    except (BytesLengthException, AttributeError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise Rejection("bad_file", "dicom", f"{path.name}: malformed waveform group: {exc}") from None
-    decoded = Decoded(signal * np.array(units)[:, None], fs, [_lead_name(ch) for ch in channels],
+    channels = list(group.ChannelDefinitionSequence)
+    declared = int(group.NumberOfWaveformChannels) * int(group.NumberOfWaveformSamples) \
+        * int(group.WaveformBitsAllocated) // 8
+    check_declared_bytes(len(group.WaveformData), declared, path.name)
+    signal = multiplex_array(dataset, index, as_raw=False).T.astype(np.float64)
+    padding = group.get("WaveformPaddingValue")
+    if padding is not None:
+        signal = signal[:, :_unpadded_length(multiplex_array(dataset, index, as_raw=True).T, padding)]
+    units = [unit_to_mv(ch.ChannelSensitivityUnitsSequence[0].CodeValue
+                        if "ChannelSensitivityUnitsSequence" in ch else None) for ch in channels]
+    decoded = Decoded(signal * np.array(units)[:, None], float(group.SamplingFrequency),
+                      [_lead_name(ch) for ch in channels],
                       {"format": "dicom", "sop_class": ECG_SOP_CLASSES[sop_class],
                        "multiplex_group": str(group.get("MultiplexGroupLabel", ""))})
     decoded.warn_several_series(len(rhythm))

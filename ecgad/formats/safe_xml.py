@@ -60,6 +60,8 @@ def parse_xml(path: Path) -> ET.Element:
         raise Rejection("bad_file", "xml_entities", f"{path.name} declares XML entities (refused)") from None
     except DefusedXmlException as exc:
         raise Rejection("bad_file", "xml", f"{path.name}: refused XML construct: {exc}") from None
+    except LookupError as exc:                 # an encoding named in the XML declaration that Python lacks
+        raise Rejection("bad_file", "xml", f"{path.name}: {exc}") from None
     except ET.ParseError as exc:
         if exc.code in _TRUNCATION_ERRORS:
             raise Rejection("truncated", "", f"{path.name}: the XML document ends early ({exc})") from None
