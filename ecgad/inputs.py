@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from ecgad.formats import is_hospital_ecg_file
 from ecgad.io import RECORD_SUFFIXES
 from ecgad.ptbxl import MASK_DIR, load_ptbxl_index
 from ecgad.shards import INDEX_FIELDS
@@ -76,12 +77,12 @@ def input_kind(path: Path) -> str:
 
 def is_record_file(path: Path, root: Path) -> bool:
     """Whether the file ``path`` under ``root`` is an ECG record: a format `ecgad.io.read_record` reads (a WFDB
-    record counts once, by its ``.hea`` header), but none of the known metadata tables (``ptbxl_database.csv``,
-    ``scp_statements.csv``, ``labels.csv``) and nothing in a ``masks/`` folder (where `ecgad.synth_dataset` keeps
-    the ground-truth point masks: ``.npy`` arrays, not ECGs), so a PTB-XL root, a synthetic root or the sample data
-    can be listed as a plain folder too."""
-    return (path.suffix.lower() in RECORD_SUFFIXES and path.name.lower() not in _METADATA_TABLES
-            and MASK_DIR not in path.relative_to(root).parts[:-1])
+    record counts once, by its ``.hea`` header; a hospital format as `ecgad.formats.is_hospital_ecg_file` says), but
+    none of the known metadata tables (``ptbxl_database.csv``, ``scp_statements.csv``, ``labels.csv``) and nothing
+    in a ``masks/`` folder (where `ecgad.synth_dataset` keeps the ground-truth point masks: ``.npy`` arrays, not
+    ECGs), so a PTB-XL root, a synthetic root or the sample data can be listed as a plain folder too."""
+    return ((path.suffix.lower() in RECORD_SUFFIXES or is_hospital_ecg_file(path))
+            and path.name.lower() not in _METADATA_TABLES and MASK_DIR not in path.relative_to(root).parts[:-1])
 
 
 def list_record_files(root: str | Path) -> list[Path]:
