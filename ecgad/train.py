@@ -145,6 +145,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, global_x: tor
     return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
 
+def _on_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ready batch as float32 tensors on ``device`` (callers may hand over CPU arrays)."""
+    global_x, beat_x = batch
+    return (torch.as_tensor(global_x, dtype=torch.float32).to(device),
+            torch.as_tensor(beat_x, dtype=torch.float32).to(device))
+
+
 @dataclass(frozen=True)
 class EpochStats:
     """What one worker's pass over its batches did: sample-weighted mean losses and where the time went."""
@@ -185,7 +192,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             break
         if not n_batches:
             first_batch_s = time.perf_counter() - start
-        global_x, beat_x = (torch.as_tensor(x, dtype=torch.float32).to(device) for x in batch)
+        global_x, beat_x = _on_device(batch, device)
         stats = train_step(model, optimizer, global_x, beat_x, generator, autocast_dtype=autocast_dtype)
         for key, value in stats.items():
             totals[key] += value * len(global_x)
@@ -227,7 +234,7 @@ def validation_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, flo
     totals: dict[str, float] = defaultdict(float)
     n_samples = 0
     for batch in batches:
-        global_x, beat_x = (torch.as_tensor(x, dtype=torch.float32).to(device) for x in batch)
+        global_x, beat_x = _on_device(batch, device)
         stats = validation_step(model, global_x, beat_x)
         for key, value in stats.items():
             totals[key] += value * len(global_x)
@@ -286,7 +293,8 @@ def _windows(prepared: Sequence[Prepared]) -> tuple[np.ndarray, list[np.ndarray]
     return np.stack([w.global_input for w in windows]).astype(np.float32), [w.beats for w in windows]
 
 
-def load_split(data_root: str | Path, prep_config: PrepConfig) -> tuple[list[Prepared], list[Prepared], np.ndarray, Counter]:
+def load_split(data_root: str | Path, prep_config: PrepConfig
+               ) -> tuple[list[Prepared], list[Prepared], np.ndarray, Counter]:
     """Read and prepare the training normals (folds 1-8) and every fold-9 record of a PTB-XL root.
 
     Returns ``(train, validation, validation labels (1 = abnormal), rejection reasons counted by code)``.

@@ -9,15 +9,16 @@ What Ray adds around the library, and nothing more:
   validation record is scored exactly once.
 - **Model**: ``ray.train.torch.prepare_model`` (device placement, DDP), trained by `ecgad.train.train_epoch`. Masks
   are drawn from a generator seeded per (seed, epoch, rank), so an epoch redone after a failure draws the same masks.
-- **Validation, every epoch**: the restoration loss of the fold-9 normals (`ecgad.train.validation_loss`, fixed
+- **Validation, every epoch**: the restoration loss of the fold-9 normals (`ecgad.train.validation_step`, fixed
   beats and masks so epochs compare), and the fold-9 records scored with the `Scorer` (the protocol evaluation and
   serving use), giving the validation AUROC where fold 9 has abnormal records and the threshold (a quantile of the
   normal records' scores, `ecgad.metrics.calibrate_threshold`) stored in that epoch's checkpoint.
 - **Checkpoints, every epoch**: an ecgad checkpoint directory (`ecgad.checkpoint.save_checkpoint`) plus
   `TRAIN_STATE_FILE` (optimizer state, epoch, history), reported with ``ray.train.report``. Ray keeps the best by the
-  selection metric and always the latest, and `fit` exports the best of those by `ecgad.train.selection_key`; a restarted worker group (``FailureConfig.max_failures``) or a rerun with
-  the same run name and storage path resumes after the latest reported epoch, with the optimizer state restored,
-  so no epoch is repeated or skipped.
+  selection metric and always the latest, and `fit` exports the best of those by `ecgad.train.selection_key` (the
+  rule `train_local` selects by). A restarted worker group (``FailureConfig.max_failures``) or a rerun with the same
+  run name and storage path resumes after the latest reported epoch, with the optimizer state restored, so no
+  epoch is repeated or skipped.
 
 `fit` is the driver side: it builds the datasets and the ``TorchTrainer``, runs it, and exports the selected
 checkpoint to ``OUT/best`` with ``OUT/metrics.json``. Fault injection for tests (`TrainSettings.fail_at_epoch`) makes
@@ -271,12 +272,13 @@ def _maybe_fail(settings: TrainSettings, epoch: int, rank: int, world_size: int)
     os._exit(1)
 
 
-def _fail_at_second_batch(batches, settings: TrainSettings, epoch: int, rank: int, world_size: int):
-    """``batches``, with the injected failure (`_maybe_fail`) once the first batch has been trained on."""
+def _training_batches(batches, settings: TrainSettings, epoch: int, rank: int, world_size: int):
+    """The collated batches as ``(global, beat)`` pairs for `ecgad.train.train_epoch`, with the injected failure
+    (`_maybe_fail`) once the first batch has been trained on."""
     for step, batch in enumerate(batches):
         if step == 1:
             _maybe_fail(settings, epoch, rank, world_size)
-        yield batch
+        yield batch["global"], batch["beat"]
 
 
 def _epoch_metrics(epoch: int, lr: float, workers: Sequence[WorkerEpoch]) -> dict[str, Any]:
@@ -328,8 +330,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=settings.batch_size, collate_fn=TrainingCollate(settings.seed, epoch, rank, prep_config),
             local_shuffle_buffer_size=max(settings.shuffle_buffer or 2 * settings.batch_size, settings.batch_size),
             local_shuffle_seed=settings.seed + 1000 * epoch + rank)
-        ready = ((b["global"], b["beat"]) for b in _fail_at_second_batch(batches, settings, epoch, rank, world_size))
-        stats = train_epoch(model, optimizer, ready, seeded_generator(settings.seed, epoch, rank))
+        stats = train_epoch(model, optimizer, _training_batches(batches, settings, epoch, rank, world_size),
+                            seeded_generator(settings.seed, epoch, rank))
         workers: list[WorkerEpoch] = _gather(WorkerEpoch(ray.get_runtime_context().get_node_id(), stats))
         _align_replicas(model)
         metrics = {**_epoch_metrics(epoch, lr, workers), **_validate(model, val_shard, settings, device)}
