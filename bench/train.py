@@ -4,8 +4,8 @@ torch loop over the same samples held in memory, in one run.
 A synthetic PTB-XL-layout data set is written and prepared into shards once (``jobs.preprocess``, not timed). Then:
 
 - **baseline**: one process, one torch thread (what a Ray Train worker gets), the fold 1-8 normals decoded from the
-  shards into memory up front, then `ecgad.train.train_step` over shuffled batches — no Ray, no data loading cost;
-- **ray, 1 worker**: ``ecgad.ray_train.fit`` (what ``python -m jobs.train`` runs) with one worker, the rows streamed
+  shards into memory up front, then `ecgad.train.train_epoch` over shuffled batches — no Ray, no data loading cost;
+- **ray, 1 worker**: ``ecgad.ray.train.fit`` (what ``python -m jobs.train`` runs) with one worker, the rows streamed
   from Parquet by Ray Data every epoch, the beat draw in the collate function;
 - **ray, 2 workers**: the same with two DDP workers (on a 2-core machine they share the cores with Ray Data).
 
@@ -19,7 +19,7 @@ line is one JSON object.
 
 Measured on a 2-core CPU (paper config, 600 records = 336 training normals, 3 epochs), two full runs: plain 17.3 and
 19.8 samples/s, Ray Train 1 worker 15.6 and 18.4 (ratio 0.90 and 0.93; 0.93 in a third, 1-worker run), 2 workers
-19.6 and 27.7 (1.26x and 1.50x one worker). Before ``ecgad.ray_data.read_shards`` moved to Ray Data's first Parquet
+19.6 and 27.7 (1.26x and 1.50x one worker). Before ``ecgad.ray.data.read_shards`` moved to Ray Data's first Parquet
 datasource the ratio was 0.62-0.78: Ray 2.60's default one lists the shard files again at every epoch on 32 newly
 started footer-reading actors and packs the rows into three large blocks, so each epoch's first batch waited
 ~6.5 s. It now waits ~1.5-2 s (printed per epoch below, from the ``train_data_wait_s`` and ``train_first_batch_s``
@@ -34,19 +34,20 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
 import torch
 
+from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig
-from ecgad.ray_train import TrainSettings
 from ecgad.ptbxl import TRAIN_FOLDS
-from ecgad.shards import TRAINING_COLUMNS, ShardLayout, training_arrays
+from ecgad.ray.train import TrainSettings, ready_batch
+from ecgad.shards import TRAINING_COLUMNS, ShardLayout
 from ecgad.synth_dataset import write_dataset
-from ecgad.train import lr_for_epoch, make_optimizer, set_lr, set_seed, train_step
+from ecgad.train import lr_for_epoch, make_optimizer, set_lr, set_seed, train_epoch
+from jobs.train import automatic_cpus_per_worker
 
 
 def _in_memory_training_set(shards: Path) -> dict[str, np.ndarray]:
@@ -62,7 +63,7 @@ def plain_loop(rows: dict[str, np.ndarray], config: MCFConfig, epochs: int, batc
                seed: int) -> list[float]:
     """Samples/s of each epoch of a plain single-process loop over in-memory samples (one torch thread on CPU)."""
     generator = set_seed(seed)
-    model = MCF(config).to(device).train()
+    model = MCF(config).to(device)
     optimizer = make_optimizer(model)
     rng = np.random.default_rng(seed)
     n = len(rows["record_id"])
@@ -72,27 +73,23 @@ def plain_loop(rows: dict[str, np.ndarray], config: MCFConfig, epochs: int, batc
         order = rng.permutation(n)
         # Every batch is a full one (Ray's equal split and local shuffle also drop at most a few rows per epoch).
         batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
-        samples, started = 0, time.perf_counter()
-        for idx in batches:
-            global_x, beat_x = training_arrays({k: v[idx] for k, v in rows.items()}, rng)
-            train_step(model, optimizer, torch.from_numpy(global_x).to(device), torch.from_numpy(beat_x).to(device),
-                       generator)
-            samples += len(idx)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rates.append(samples / (time.perf_counter() - started))
+        # Decoded and beats drawn per batch, inside the timed loop, as the Ray Train workers' collate does.
+        ready = (ready_batch({k: v[idx] for k, v in rows.items()}, PrepConfig(), seed, epoch) for idx in batches)
+        stats = train_epoch(model, optimizer, ready, generator)   # loss.item() every step: GPU work is waited for
+        rates.append(stats.samples / stats.seconds)
     return rates
 
 
 def ray_train(shards: Path, out: Path, config: MCFConfig, epochs: int, batch_size: int, workers: int,
               use_gpu: bool, seed: int) -> list[float]:
-    """Samples/s of each epoch of ``ecgad.ray_train.fit`` (the training loop's time, validation excluded)."""
-    from ecgad.ray_train import fit
+    """Samples/s of each epoch of ``ecgad.ray.train.fit`` (the training loop's time, validation excluded)."""
+    from ecgad.ray.train import fit
 
     settings = TrainSettings(model_config=config.to_dict(), epochs=epochs, batch_size=batch_size, seed=seed,
                              select_by="val_loss", val_mode="fast")
-    # Leave Ray Data a whole CPU to read with (jobs.train.cpu_shortage): 2 workers on 2 cores get half a CPU each.
-    cpus = min(1.0, (os.cpu_count() - 1) / workers)
+    # Leave Ray Data a whole CPU to read with, as jobs.train does on a local cluster: 2 workers on 2 cores get half
+    # a CPU each.
+    cpus = automatic_cpus_per_worker(workers, os.cpu_count())
     summary = fit(shards, out, settings, num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus,
                   name=f"bench-{workers}w")
     for e in summary["epochs"]:
@@ -136,7 +133,7 @@ def main() -> int:
                   f"{args.epochs} epochs, device {device}, load average {os.getloadavg()[0]:.2f}", flush=True)
 
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)   # what each Ray Train worker runs with (ecgad.ray_train)
+            torch.set_num_threads(1)   # what each Ray Train worker runs with (ecgad.ray.train)
             plain = plain_loop(rows, config, args.epochs, args.batch_size, device, args.seed)
             torch.set_num_threads(threads)
             one = ray_train(tmp / "shards", tmp / "run1", config, args.epochs, args.batch_size, 1, args.use_gpu,

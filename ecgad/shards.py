@@ -181,12 +181,12 @@ def summarize(records_dir: Path) -> tuple[dict[str, Any], pa.Table]:
 
 # -- what training takes from a row ------------------------------------------------------------------------------
 
-def training_arrays(batch: dict[str, np.ndarray], rng: np.random.Generator, cfg: PrepConfig = PrepConfig(),
-                    n_leads: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Training samples from a numpy batch of `TRAINING_COLUMNS` rows: ``(global (N, 12, 4800), beat (N, 12, 480))``
-    float32, one sample per *window* (every 10 s window of a record is a sample, as `ecgad.train` trains; PTB-XL
-    records have one), each with one of its valid beats drawn uniformly from ``rng`` (the published loader's
-    random beat per record per step).
+def training_arrays(batch: dict[str, np.ndarray], cfg: PrepConfig = PrepConfig(),
+                    n_leads: int = 12) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Training windows from a numpy batch of `TRAINING_COLUMNS` rows: globals ``(N, 12, 4800)`` float32 and, per
+    window, all its valid beats ``(n_i, 12, 480)`` float32, one sample per *window* (every 10 s window of a record is a
+    sample, as `ecgad.train` trains; PTB-XL records have one). The beat each step trains on is drawn from these by
+    `ecgad.train.sample_beats`, the one beat sampler.
     """
     globals_, beats = [], []
     for i in range(len(batch["record_id"])):
@@ -197,12 +197,11 @@ def training_arrays(batch: dict[str, np.ndarray], rng: np.random.Generator, cfg:
         first = 0
         for window, count in enumerate(beat_counts):
             globals_.append(signals[window, :, cfg.global_start:cfg.global_end])
-            beats.append(all_beats[first + int(rng.integers(count))])
+            beats.append(all_beats[first:first + count])
             first += count
     if not globals_:
-        return (np.empty((0, n_leads, cfg.global_len), np.float32),
-                np.empty((0, n_leads, cfg.beat_len), np.float32))
-    return np.stack(globals_), np.stack(beats)
+        return np.empty((0, n_leads, cfg.global_len), np.float32), []
+    return np.stack(globals_), beats
 
 
 def _floats(blob: bytes, shape: tuple[int, ...]) -> np.ndarray:

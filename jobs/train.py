@@ -7,7 +7,7 @@
 
 Trains on the fold 1-8 normals, validates every epoch on fold 9 and ends with the selected checkpoint, its
 threshold calibrated on the fold-9 normals, at ``RUNDIR/best`` and the run's history at ``RUNDIR/metrics.json``
-(details: ``ecgad.ray_train``). The checkpoint is selected by the validation AUROC where fold 9 holds normal and
+(details: ``ecgad.ray.train``). The checkpoint is selected by the validation AUROC where fold 9 holds normal and
 abnormal records, else by the validation loss (``--select-by`` overrides). Rerunning the same command (same
 ``--name`` and storage path) resumes after the last finished epoch; a finished run just re-exports its result.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,9 +26,8 @@ from typing import Sequence
 
 from ecgad.model import MCFConfig
 from ecgad.ptbxl import VALIDATION_FOLD
-from ecgad.ray_train import SELECTION_ORDER, TrainSettings
 from ecgad.shards import ShardLayout
-from ecgad.train import BASE_LR
+from ecgad.train import BASE_LR, SELECTION_ORDER, selection_metric
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="run directory: best/, metrics.json (and Ray's run folder)")
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one GPU each with --use-gpu)")
     parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
-                        help="CPUs reserved per worker; leave some free on each node for Ray Data's reads")
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs reserved per worker; leave some free on each node for Ray Data's reads (default: "
+                             "on a local cluster min(1, (cluster CPUs - 1) / workers), so Ray Data keeps a whole "
+                             "CPU; on a running cluster 1)")
     parser.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         default="PACK", help="how workers are placed on nodes (Ray placement group strategy)")
     parser.add_argument("--config", choices=["small", "paper"], default="paper")
@@ -65,13 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def select_by(choice: str, manifest: dict) -> str:
-    """``auto``: the validation AUROC when fold 9 has both classes (what the reference tuned on, but on the test
-    fold), else the validation loss of its normals."""
+    """``auto``: `ecgad.train.selection_metric` for the usable fold-9 records the shards hold."""
     if choice != "auto":
         return choice
     by_fold = manifest["counts"]["ok_by_fold_and_label"]
-    both = all(by_fold.get(f"{VALIDATION_FOLD}/{label}", 0) > 0 for label in ("normal", "abnormal"))
-    return "val_auroc" if both else "val_loss"
+    return selection_metric(*(by_fold.get(f"{VALIDATION_FOLD}/{label}", 0) for label in ("normal", "abnormal")))
+
+
+def automatic_cpus_per_worker(num_workers: int, cluster_cpus: float) -> float:
+    """CPUs per worker that leave Ray Data a whole CPU on a local cluster: ``min(1, (cluster_cpus - 1) /
+    num_workers)``, rounded down to Ray's resource precision (1e-4) so the reserve stays whole (2 workers on a
+    2-CPU laptop get 0.5 each)."""
+    return min(1.0, math.floor(max(cluster_cpus - 1, 0) / num_workers * 1e4) / 1e4)
 
 
 def cpu_shortage(num_workers: int, cpus_per_worker: float, cluster_cpus: float) -> str | None:
@@ -99,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
-    from ecgad.ray_train import fit
+    from ecgad.ray.train import TrainSettings, fit
 
     model_config = MCFConfig.paper() if args.config == "paper" else MCFConfig.small()
     out = Path(args.out).resolve()
@@ -112,14 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
-    problem = cpu_shortage(args.num_workers, args.cpus_per_worker, ray.cluster_resources().get("CPU", 0.0))
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    cpus_per_worker = args.cpus_per_worker
+    if cpus_per_worker is None:
+        cpus_per_worker = automatic_cpus_per_worker(args.num_workers, cluster_cpus) if local else 1.0
+    problem = cpu_shortage(args.num_workers, cpus_per_worker, cluster_cpus)
     if problem and local:
         print(f"train: error: {problem}", file=sys.stderr)
         return 2
     if problem:   # an autoscaling cluster may still add nodes
         print(f"train: warning: {problem}", file=sys.stderr)
     summary = fit(args.data, out, settings, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                  cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy, name=args.name,
+                  cpus_per_worker=cpus_per_worker, placement_strategy=args.placement_strategy, name=args.name,
                   storage_path=args.storage_path, max_failures=args.max_failures, num_to_keep=args.keep)
     print(json.dumps(summary))
     return 0

@@ -40,8 +40,8 @@ pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
 
 N_RECORDS = 40
 TRAIN_ARGS = ["--config", "small", "--batch-size", "4", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD"]
-EPOCH_LINE = re.compile(r"ecgad\.ray_train: epoch (\d+) reported")
-RESUME_LINE = re.compile(r"ecgad\.ray_train: resuming after epoch (\d+)")
+EPOCH_LINE = re.compile(r"ecgad\.ray\.train: epoch (\d+) reported")
+RESUME_LINE = re.compile(r"ecgad\.ray\.train: resuming after epoch (\d+)")
 OURS = (str(REPO_ROOT / "ecgad"), str(REPO_ROOT / "jobs"))
 
 
@@ -209,3 +209,14 @@ def test_a_cluster_without_a_cpu_for_ray_data_is_refused_up_front():
     assert problem and "--cpus-per-worker (e.g. 0.5)" in problem
     assert cpu_shortage(2, 0.5, 2.0) is None and cpu_shortage(1, 1.0, 2.0) is None
     assert cpu_shortage(4, 4.0, 16.0) is not None and cpu_shortage(4, 3.0, 16.0) is None
+
+
+def test_on_a_local_cluster_workers_are_sized_to_leave_ray_data_a_cpu():
+    from jobs.train import automatic_cpus_per_worker, cpu_shortage
+
+    assert automatic_cpus_per_worker(2, 2.0) == 0.5                 # the 2-CPU laptop: half a CPU each
+    assert automatic_cpus_per_worker(1, 2.0) == 1.0 and automatic_cpus_per_worker(4, 16.0) == 1.0   # at most 1
+    for workers in range(1, 9):
+        for cpus in (2.0, 3.0, 4.0, 6.0, 16.0):
+            per_worker = automatic_cpus_per_worker(workers, cpus)
+            assert 0 < per_worker <= 1 and cpu_shortage(workers, per_worker, cpus) is None, (workers, cpus)

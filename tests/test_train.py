@@ -38,14 +38,13 @@ def _history(checkpoint) -> list[dict]:
 
 def test_training_twice_with_one_seed_gives_identical_losses(tmp_path):
     root = write_dataset(tmp_path / "synth", 40, seed=11)
-    runs = [train_local(root, tmp_path / f"run{i}", config="small", epochs=2, batch_size=8, seed=7, device="cpu",
-                        log=lambda _: None) for i in range(2)]
+    runs = [train_local(root, tmp_path / f"run{i}", config="small", epochs=2, batch_size=8, seed=7, device="cpu")
+            for i in range(2)]
     first, second = (_history(run) for run in runs)
     assert [e["train"]["loss"] for e in first] == [e["train"]["loss"] for e in second]
     assert [e["val_loss"] for e in first] == [e["val_loss"] for e in second]
     assert np.isfinite([e["train"]["loss"] for e in first]).all()
-    other = train_local(root, tmp_path / "other", config="small", epochs=1, batch_size=8, seed=8, device="cpu",
-                        log=lambda _: None)
+    other = train_local(root, tmp_path / "other", config="small", epochs=1, batch_size=8, seed=8, device="cpu")
     assert _history(other)[0]["train"]["loss"] != first[0]["train"]["loss"]   # the seed does matter
 
 
@@ -54,7 +53,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learning")
     root = write_dataset(tmp / "train", LEARNING_RECORDS, seed=0, anomaly_fraction=0.3)
     return train_local(root, tmp / "ckpt", config="small", epochs=LEARNING_EPOCHS, batch_size=16, seed=0,
-                       device="cpu", score_mode="fast", lr=LEARNING_RATE, log=print)
+                       device="cpu", score_mode="fast", lr=LEARNING_RATE)
 
 
 @pytest.fixture(scope="module")

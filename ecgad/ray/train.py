@@ -1,22 +1,24 @@
-"""The Ray Train (V2) adapter: `ecgad.train`'s training step, unchanged, in data-parallel Ray Train workers.
+"""The Ray Train (V2) adapter: `ecgad.train`'s epoch loop, unchanged, in data-parallel Ray Train workers.
 
 What Ray adds around the library, and nothing more:
 
 - **Data**: the fold 1-8 normals of a shards directory (`ecgad.shards`), streamed by Ray Data and split equally over
   the workers (DDP needs the same number of steps on every worker); each row becomes one training sample in the
-  collate function (`TrainingCollate`: the record's global input and one random beat, as the published loader
-  draws). The fold-9 rows are split too, but unequally, so every validation record is scored exactly once.
-- **Model**: ``ray.train.torch.prepare_model`` (device placement, DDP). Masks are drawn in `ecgad.train.train_step`
-  from a generator seeded per (seed, epoch, rank), so an epoch redone after a failure draws the same masks.
-- **Validation, every epoch**: the restoration loss of the fold-9 normals (`ecgad.train.validation_loss`, fixed
+  collate function (`TrainingCollate`: the record's global input and one random beat, drawn by
+  `ecgad.train.sample_beats` as the published loader draws). The fold-9 rows are split too, but unequally, so every
+  validation record is scored exactly once.
+- **Model**: ``ray.train.torch.prepare_model`` (device placement, DDP), trained by `ecgad.train.train_epoch`. Masks
+  are drawn from a generator seeded per (seed, epoch, rank), so an epoch redone after a failure draws the same masks.
+- **Validation, every epoch**: the restoration loss of the fold-9 normals (`ecgad.train.validation_step`, fixed
   beats and masks so epochs compare), and the fold-9 records scored with the `Scorer` (the protocol evaluation and
   serving use), giving the validation AUROC where fold 9 has abnormal records and the threshold (a quantile of the
   normal records' scores, `ecgad.metrics.calibrate_threshold`) stored in that epoch's checkpoint.
 - **Checkpoints, every epoch**: an ecgad checkpoint directory (`ecgad.checkpoint.save_checkpoint`) plus
   `TRAIN_STATE_FILE` (optimizer state, epoch, history), reported with ``ray.train.report``. Ray keeps the best by the
-  selection metric and always the latest; a restarted worker group (``FailureConfig.max_failures``) or a rerun with
-  the same run name and storage path resumes after the latest reported epoch, with the optimizer state restored,
-  so no epoch is repeated or skipped.
+  selection metric and always the latest, and `fit` exports the best of those by `ecgad.train.selection_key` (the
+  rule `train_local` selects by). A restarted worker group (``FailureConfig.max_failures``) or a rerun with the same
+  run name and storage path resumes after the latest reported epoch, with the optimizer state restored, so no
+  epoch is repeated or skipped.
 
 `fit` is the driver side: it builds the datasets and the ``TorchTrainer``, runs it, and exports the selected
 checkpoint to ``OUT/best`` with ``OUT/metrics.json``. Fault injection for tests (`TrainSettings.fail_at_epoch`) makes
@@ -25,33 +27,32 @@ the last worker die once, mid-epoch, recorded by a marker file so the restarted 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import sys
+import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
+from ecgad.atomic import replace_directory, temporary_directory, write_json, write_text
 from ecgad.config import PrepConfig
-from ecgad.model import MCF, MCFConfig
+from ecgad.log import get_logger
+from ecgad.model import MCF, MCFConfig, unwrap
 from ecgad.shards import training_arrays
-from ecgad.train import BASE_LR
+from ecgad.train import BASE_LR, SELECTION_ORDER, EpochStats, sample_beats, seeded_generator, selection_key
 
 #: Optimizer state, epoch and history, next to the model files in every reported checkpoint.
 TRAIN_STATE_FILE = "train_state.pt"
-
-#: Selection metrics and whether higher is better ("max") or lower ("min").
-SELECTION_ORDER = {"val_auroc": "max", "val_loss": "min"}
 
 #: Records per validation scoring call: enough beats to fill the Scorer's batches, little memory.
 VALIDATION_BATCH = 16
@@ -67,11 +68,11 @@ class TrainSettings:
     batch_size: int = 32
     lr: float = BASE_LR                  # peak of the per-epoch cosine schedule (the paper's 1e-4)
     seed: int = 0
-    select_by: str = "val_loss"          # a key of SELECTION_ORDER
+    select_by: str = "val_loss"          # a key of ecgad.train.SELECTION_ORDER
     threshold_quantile: float = 0.95
     val_mode: str = "full"               # Scorer mode for validation scores (and so for the threshold)
     shuffle_buffer: int | None = None    # rows in Ray Data's local shuffle buffer (default two batches), mixing
-    #                                      shard files read in a new order every epoch (`ecgad.ray_data.read_shards`);
+    #                                      shard files read in a new order every epoch (`ecgad.ray.data.read_shards`);
     #                                      the first batch waits for the buffer to fill, so larger starts later
     fail_at_epoch: int | None = None     # testing: the last worker exits mid-way through this epoch, once
     failure_marker: str | None = None    # where that failure is recorded (shared storage)
@@ -84,20 +85,38 @@ class TrainSettings:
         return cls(**data)
 
 
-def _log(message: str) -> None:
-    """One line on stdout; Ray forwards worker output to the driver, so it shows in ``ray job logs``.
+logger = get_logger(__name__)
 
-    Written to the stream, not with ``print``: Ray Train patches ``print`` in its workers to tee each message to
-    the stream *and* to the root logger, which reaches the driver as a second copy of every line.
-    """
-    sys.stdout.write(f"{time.strftime('%H:%M:%S')} ecgad.ray_train: {message}\n")
-    sys.stdout.flush()
+
+class WorkerEpoch(NamedTuple):
+    """One worker's training epoch, as gathered on every rank."""
+
+    node_id: str
+    stats: EpochStats
+
+
+class WorkerValidation(NamedTuple):
+    """One worker's share of validation, as gathered on every rank."""
+
+    loss_sum: float                   # validation loss times samples, over this worker's fold-9 normals
+    samples: int
+    scored: list[tuple[bool, float]]  # (is_normal, record score) per fold-9 record this worker scored
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
 
+def ready_batch(batch: dict[str, np.ndarray], prep_config: PrepConfig, *entropy: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """Shard rows -> ``(global (B, 12, 4800), beat (B, 12, 480))`` float32 tensors, the beat drawn by
+    `ecgad.train.sample_beats` from a generator seeded by ``entropy`` and the batch's record ids: the same rows
+    draw the same beats, whichever thread collates them."""
+    global_x, beats = training_arrays(batch, prep_config)
+    ids = zlib.crc32("\n".join(map(str, batch["record_id"])).encode())
+    return torch.from_numpy(global_x), sample_beats(beats, seeded_generator(*entropy, ids))
+
+
 class TrainingCollate(NumpyBatchCollateFn):
-    """Shard rows -> ``{"global": (B, 12, 4800), "beat": (B, 12, 480)}`` float32 tensors (`ecgad.shards.training_arrays`).
+    """Shard rows -> ``{"global": (B, 12, 4800), "beat": (B, 12, 480)}`` float32 tensors (`ready_batch`).
 
     Ray Data calls collate functions from several threads, so the beat draw cannot share one generator: each batch
     seeds its own from (seed, epoch, rank, its record ids), which is thread-safe and gives every record a new beat
@@ -108,10 +127,8 @@ class TrainingCollate(NumpyBatchCollateFn):
         self.seed, self.epoch, self.rank, self.prep_config = seed, epoch, rank, prep_config
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        ids = zlib.crc32("\n".join(map(str, batch["record_id"])).encode())
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, ids])
-        global_x, beat_x = training_arrays(batch, rng, self.prep_config)
-        return {"global": torch.from_numpy(global_x), "beat": torch.from_numpy(beat_x)}
+        global_x, beat_x = ready_batch(batch, self.prep_config, self.seed, self.epoch, self.rank)
+        return {"global": global_x, "beat": beat_x}
 
 
 class IngestConfig(DataConfig):
@@ -136,14 +153,6 @@ class IngestConfig(DataConfig):
 
 
 # -- the worker ---------------------------------------------------------------------------------------------------
-
-def _unwrap(model: torch.nn.Module) -> MCF:
-    return getattr(model, "module", model)
-
-
-def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
-
 
 def _gather(value: Any) -> list[Any]:
     """Every worker's ``value`` (all ranks get the list); a one-element list without a process group."""
@@ -201,26 +210,23 @@ def _validate(model: torch.nn.Module, shard, settings: TrainSettings, device: to
     from ecgad.train import validation_step
 
     prep_config = PrepConfig.from_dict(settings.prep_config)
-    net = _unwrap(model)
+    net = unwrap(model)
     scorer = Scorer(net, prep_config, device=device, mode=settings.val_mode)
     loss_sum, loss_n, scored = 0.0, 0, []
     for batch in shard.iter_batches(batch_size=VALIDATION_BATCH, batch_format="numpy"):
         normal = np.asarray(batch["is_normal"], dtype=bool)
         if normal.any():
             # The same beat and masks for a record every epoch, so the loss compares checkpoints, not draws.
-            ids = zlib.crc32("\n".join(map(str, batch["record_id"][normal])).encode())
-            global_x, beat_x = training_arrays({k: v[normal] for k, v in batch.items()},
-                                               np.random.default_rng([settings.seed, ids]), prep_config)
-            loss = validation_step(net, torch.from_numpy(global_x).to(device),
-                                   torch.from_numpy(beat_x).to(device))["loss"]
+            global_x, beat_x = ready_batch({k: v[normal] for k, v in batch.items()}, prep_config, settings.seed)
+            loss = validation_step(net, global_x.to(device), beat_x.to(device))["loss"]
             loss_sum += loss * len(global_x)
             loss_n += len(global_x)
         rows = [{k: batch[k][i] for k in batch} for i in range(len(normal))]
         scores = scorer.score_prepared([row_to_prepared(r) for r in rows], with_maps=False)
         scored += [(bool(r["is_normal"]), s.pred_score) for r, s in zip(rows, scores)]
-    parts = _gather((loss_sum, loss_n, scored))
-    loss_sum, loss_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    scored = [item for part in parts for item in part[2]]
+    parts: list[WorkerValidation] = _gather(WorkerValidation(loss_sum, loss_n, scored))
+    loss_sum, loss_n = sum(p.loss_sum for p in parts), sum(p.samples for p in parts)
+    scored = [item for part in parts for item in part.scored]
     normal_scores = [s for is_normal, s in scored if is_normal]
     labels = [0 if is_normal else 1 for is_normal, _ in scored]
     auroc = record_auroc(labels, [s for _, s in scored]) if scored else math.nan
@@ -239,7 +245,7 @@ def _checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
 
     from ecgad.checkpoint import save_checkpoint
 
-    save_checkpoint(directory, _unwrap(model), MCFConfig.from_dict(settings.model_config),
+    save_checkpoint(directory, unwrap(model), MCFConfig.from_dict(settings.model_config),
                     PrepConfig.from_dict(settings.prep_config), threshold,
                     threshold_quantile=settings.threshold_quantile,
                     metadata={"epoch": epoch, "selected_by": settings.select_by,
@@ -256,15 +262,37 @@ def _maybe_fail(settings: TrainSettings, epoch: int, rank: int, world_size: int)
     marker = Path(settings.failure_marker)
     if marker.exists():
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"worker {rank} exited during epoch {epoch}\n")
+    write_text(marker, f"worker {rank} exited during epoch {epoch}\n")
     # Ray Train's controller collects reports when it polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
     # 2 s by default); a worker group that fails before the poll after a report restarts from the report before
     # it, redoing one more epoch. Waiting out two polls makes the injected crash land after the last report is
     # registered, so tests see the restart from the last checkpoint that real mid-epoch crashes get.
     time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
-    _log(f"fault injection: worker {rank} exits during epoch {epoch}")
+    logger.info("fault injection: worker %d exits during epoch %d", rank, epoch)
     os._exit(1)
+
+
+def _training_batches(batches, settings: TrainSettings, epoch: int, rank: int, world_size: int):
+    """The collated batches as ``(global, beat)`` pairs for `ecgad.train.train_epoch`, with the injected failure
+    (`_maybe_fail`) once the first batch has been trained on."""
+    for step, batch in enumerate(batches):
+        if step == 1:
+            _maybe_fail(settings, epoch, rank, world_size)
+        yield batch["global"], batch["beat"]
+
+
+def _epoch_metrics(epoch: int, lr: float, workers: Sequence[WorkerEpoch]) -> dict[str, Any]:
+    """The training half of an epoch's reported metrics, over every worker's `WorkerEpoch`."""
+    samples = sum(w.stats.samples for w in workers)
+    return {
+        "epoch": epoch, "lr": lr, "workers": len(workers), "nodes": len({w.node_id for w in workers}),
+        "train_loss": sum(w.stats.loss * w.stats.samples for w in workers) / max(1, samples),
+        "train_samples": samples,
+        "train_samples_per_s": samples / max(w.stats.seconds for w in workers),
+        # Input-bound? Time the slowest worker's loop spent waiting for batches (first one included).
+        "train_data_wait_s": max(w.stats.data_wait_s for w in workers),
+        "train_first_batch_s": max(w.stats.first_batch_s for w in workers),
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -273,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ecgad.train import lr_for_epoch, make_optimizer, set_seed, train_step
+    from ecgad.train import lr_for_epoch, make_optimizer, set_lr, set_seed, train_epoch
 
     settings = TrainSettings.from_dict(config)
     torch.set_num_threads(1)   # one CPU thread per worker: the node's other cores feed it (Ray Data) or run others
@@ -291,57 +319,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         if rank == 0:
-            _log(f"resuming after epoch {start_epoch - 1} (restored weights and optimizer state)")
+            logger.info("resuming after epoch %d (restored weights and optimizer state)", start_epoch - 1)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(start_epoch, settings.epochs):
         lr = lr_for_epoch(epoch, settings.epochs, settings.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        generator = _epoch_generator(settings.seed, epoch, rank)
-        model.train()
-        loss_sum, samples, started = 0.0, 0, time.perf_counter()
+        set_lr(optimizer, lr)
         batches = train_shard.iter_torch_batches(
             batch_size=settings.batch_size, collate_fn=TrainingCollate(settings.seed, epoch, rank, prep_config),
             local_shuffle_buffer_size=max(settings.shuffle_buffer or 2 * settings.batch_size, settings.batch_size),
             local_shuffle_seed=settings.seed + 1000 * epoch + rank)
-        waited, first_batch_s, iterator = 0.0, math.nan, iter(batches)
-        for step in itertools.count():
-            asked = time.perf_counter()
-            batch = next(iterator, None)
-            waited += time.perf_counter() - asked
-            if batch is None:
-                break
-            if step == 0:
-                first_batch_s = time.perf_counter() - started
-            if step == 1:
-                _maybe_fail(settings, epoch, rank, world_size)
-            loss = train_step(model, optimizer, batch["global"], batch["beat"], generator)["loss"]
-            loss_sum += loss * len(batch["global"])
-            samples += len(batch["global"])
-        train_time = time.perf_counter() - started
-        totals = _gather((loss_sum, samples, train_time, ray.get_runtime_context().get_node_id(), waited,
-                          first_batch_s))
+        stats = train_epoch(model, optimizer, _training_batches(batches, settings, epoch, rank, world_size),
+                            seeded_generator(settings.seed, epoch, rank))
+        workers: list[WorkerEpoch] = _gather(WorkerEpoch(ray.get_runtime_context().get_node_id(), stats))
         _align_replicas(model)
-        metrics = {
-            "epoch": epoch, "lr": lr, "workers": world_size, "nodes": len({t[3] for t in totals}),
-            "train_loss": sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals)),
-            "train_samples": sum(t[1] for t in totals),
-            "train_samples_per_s": sum(t[1] for t in totals) / max(t[2] for t in totals),
-            # Input-bound? Time the slowest worker's loop spent waiting for batches (first one included).
-            "train_data_wait_s": max(t[4] for t in totals),
-            "train_first_batch_s": max(t[5] for t in totals),
-            **_validate(model, val_shard, settings, device),
-        }
+        metrics = {**_epoch_metrics(epoch, lr, workers), **_validate(model, val_shard, settings, device)}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = (_checkpoint(Path(tmp) / "checkpoint", model, optimizer, settings, epoch, history,
                                       metrics["threshold"]) if rank == 0 else None)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
-            _log(f"epoch {epoch} reported: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                           for k, v in metrics.items()))
+            logger.info("epoch %d reported: %s", epoch, ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -360,8 +361,8 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ecgad.ray_data import read_shards
     from ecgad.ptbxl import TRAIN_FOLDS, VALIDATION_FOLD
+    from ecgad.ray.data import read_shards
     from ecgad.shards import TRAINING_COLUMNS, VALIDATION_COLUMNS, ShardLayout
 
     started = time.perf_counter()
@@ -386,9 +387,9 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         dataset_config=IngestConfig(),
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(settings.select_by, order)
-    if best is None or result.checkpoint is None:
+    if not result.best_checkpoints or result.checkpoint is None:
         raise RuntimeError(f"run {name} reported no checkpoint (no epochs to train?)")
+    best, _ = max(result.best_checkpoints, key=lambda kept: selection_key(kept[1], settings.select_by))
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / "config.json").read_text())["metadata"]["history"]
     exported = export_checkpoint(best, out / "best")
@@ -409,22 +410,16 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         },
         "wall_s": round(time.perf_counter() - started, 3),
     }
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", summary, sort_keys=False)
     return summary
 
 
 def export_checkpoint(checkpoint, target: Path):
     """Copy the ecgad files of a reported checkpoint (not the training state) to ``target``, atomically, and load
     it back as a check; returns the loaded `ecgad.checkpoint.Checkpoint`."""
-    import shutil
-
     from ecgad.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-    from ecgad.atomic import replace_directory
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temporary_directory(target)
     try:
         with checkpoint.as_directory() as source:
             for name in (WEIGHTS_FILE, CONFIG_FILE):
