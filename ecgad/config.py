@@ -7,7 +7,18 @@ was trained on them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def strict_from_dict(cls: type[T], data: dict[str, Any], what: str) -> T:
+    """``cls(**data)`` for a config dataclass, refusing keys it does not know: a checkpoint written by another
+    version of the code must fail loudly, naming the keys, rather than drop settings it carried."""
+    unknown = set(data) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -41,8 +52,4 @@ class PrepConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrepConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown preprocessing config keys: {sorted(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "preprocessing")

@@ -22,13 +22,15 @@ loads with ``strict=True`` (`load_published_state_dict`). Stages are separate me
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ecgad.config import strict_from_dict
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,7 @@ class MCFConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MCFConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "model")
 
 
 class MCFOutput(NamedTuple):

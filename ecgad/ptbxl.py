@@ -10,7 +10,6 @@ statement at all (rhythm/form statements only, e.g. atrial flutter) is ``abnorma
 from __future__ import annotations
 
 import ast
-import logging
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from ecgad.io import read_record
+from ecgad.log import get_logger
 from ecgad.types import Record
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: PTB-XL's folds as we use them (docs/method.md §3.1, §5 D4): train on the normals of 1-8, select on 9, test on 10.
 TRAIN_FOLDS = (1, 2, 3, 4, 5, 6, 7, 8)
