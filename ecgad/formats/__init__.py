@@ -22,8 +22,8 @@ from ecgad.types import Rejection
 READERS: dict[str, str] = {"dicom": "dicom", "hl7_aecg": "hl7_aecg", "ge_muse": "muse", "philips": "philips",
                            "scp_ecg": "scp", "edf": "edf"}
 
-#: Formats whose reader takes the limits: their headers declare channel and sample counts.
-_DECLARING = frozenset({"dicom", "edf", "scp_ecg"})
+#: Formats whose reader takes the limits: headers that declare channel and sample counts, or samples as text.
+_DECLARING = frozenset({"dicom", "edf", "scp_ecg", "hl7_aecg"})
 
 #: XML root element -> format.
 _XML_ROOTS: dict[str, str] = {"AnnotatedECG": "hl7_aecg", "RestingECG": "ge_muse", "restingecgdata": "philips"}
@@ -74,8 +74,9 @@ def is_hospital_ecg_file(path: Path) -> bool:
 
 def decode(path: Path, fmt: str, limits: InputLimits = LIMITS) -> Decoded:
     """Run the reader of ``fmt`` (from `sniff_format`) on ``path``; raises only `Rejection`. Readers whose format
-    declares its sizes (DICOM, EDF, SCP-ECG) check them against ``limits`` before decoding; the XML formats are
-    bounded by the file's size, which `ecgad.io` checks first."""
+    declares its sizes (DICOM, EDF, SCP-ECG) check them against ``limits`` before decoding, HL7 aECG its sample
+    text's length; the other XML formats (base64 samples) are bounded by the file's size, which `ecgad.io` checks
+    first."""
     module = importlib.import_module(f"ecgad.formats.{READERS[fmt]}")
     decoded = module.read(path, limits) if fmt in _DECLARING else module.read(path)
     if decoded.signal.ndim != 2 or decoded.signal.shape[1] == 0:
