@@ -28,6 +28,14 @@ Formats (chosen by `read_record` from the path, then from the content):
   **NPZ** (``.npz``): keys ``signal`` (required), ``fs`` and ``lead_names`` (each may instead be given as an
   argument).
 
+Limits (`ecgad.limits`, passed as ``limits=``): each reader checks what the file declares before decoding it, an
+NPY header's shape x item size (against the limits and against the bytes the file holds), an NPZ member's
+uncompressed size and compression ratio, a WFDB header's ``sig_len`` x channels (or, without ``sig_len``, the
+length its signal file implies), a CSV's cells as they stream in (reading stops at the limit), the counts in
+DICOM, EDF, SCP-ECG and HL7 aECG files; `_assemble` checks the decoded shape and duration once more for every
+reader, at the file's own rate, before anything is resampled. Over a limit: ``too_long``, ``too_many_channels``,
+``too_large``. Messages name a file, never its folder.
+
 Rates: a rate given as ``fs=`` fills in for a file that carries none; if the file carries one too, the two must
 agree (``bad_fs`` otherwise), because silently preferring either would time-stretch the record.
 
