@@ -8,6 +8,8 @@ Rerunning the same command after a kill resumes where the last committed chunk l
 The last line on stdout is the run's summary as one JSON object (also written to ``OUT/summary.json``).
 Exit codes: 0 every input has its output row (rejected records included); 1 the job failed or the output is
 incomplete (rerun to resume); 2 bad usage, a bad checkpoint, or an output directory written with other settings.
+Records are read within the input limits of this process's environment (``ECGAD_MAX_SECONDS``, ... : README, "Input
+limits"); a record whose preparation kills its worker becomes an ``error`` row with reason ``worker_died``.
 """
 
 from __future__ import annotations

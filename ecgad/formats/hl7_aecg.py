@@ -9,20 +9,24 @@ mentions ``PACE`` (e.g. ``MDC_ECG_WAVC_PACESPIKE``) are device-flagged pacemaker
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
+from array import array
 from pathlib import Path
 
 import numpy as np
 
 from ecgad.formats.common import Decoded, median_beat_only, stack_leads, unit_to_mv
 from ecgad.formats.safe_xml import parse_xml
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.types import Rejection
 
 _LEAD_PREFIX = "MDC_ECG_LEAD_"
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_TOKEN = re.compile(r"\S+")
 
 
-def read(path: Path) -> Decoded:
+def read(path: Path, limits: InputLimits = LIMITS) -> Decoded:
     root = parse_xml(path)
     rhythm = [s for s in root.findall("component/series") if _code(s) in ("RHYTHM", "")]
     if not rhythm:
@@ -39,7 +43,7 @@ def read(path: Path) -> Decoded:
         code = _code(seq)
         if code.startswith(_LEAD_PREFIX):
             names.append(code[len(_LEAD_PREFIX):])
-            leads.append(_lead_mv(seq, path))
+            leads.append(_lead_mv(seq, path, limits))
     if not leads:
         raise Rejection("missing_lead", "I", f"{path.name}: the rhythm series holds no MDC_ECG_LEAD_* sequence")
     decoded = Decoded(stack_leads(leads, path.name), fs, names, {"format": "hl7_aecg"})
@@ -72,14 +76,18 @@ def _rate(time_sequences: list[ET.Element], path: Path) -> float:
     return 1.0 / seconds
 
 
-def _lead_mv(sequence: ET.Element, path: Path) -> np.ndarray:
-    """One lead's ``origin + scale x digits`` in mV."""
+def _lead_mv(sequence: ET.Element, path: Path, limits: InputLimits) -> np.ndarray:
+    """One lead's ``origin + scale x digits`` in mV. The digits are converted one by one into 8-byte floats (a
+    list of Python strings would cost ~60 bytes a sample), after checking against ``limits`` the most samples the
+    text can hold (one character and one separator each)."""
     value = sequence.find("value")
     origin, scale, digits = (value.find(tag) if value is not None else None for tag in ("origin", "scale", "digits"))
     if scale is None or digits is None:
         raise Rejection("bad_file", "no_samples", f"{path.name}: lead {_code(sequence)} has no scale or digits")
     try:
-        samples = np.array((digits.text or "").split(), dtype=np.float64)
+        text = digits.text or ""
+        limits.check_bytes((len(text) + 1) // 2 * 8)
+        samples = np.frombuffer(array("d", map(float, (m.group() for m in _TOKEN.finditer(text)))), np.float64)
         factor = float(scale.get("value", "")) * unit_to_mv(scale.get("unit"))
         offset = 0.0 if origin is None else float(origin.get("value", "0")) * unit_to_mv(
             origin.get("unit") or scale.get("unit"))       # an origin without unit is in the scale's
