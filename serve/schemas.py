@@ -43,9 +43,14 @@ class ScoreResponse(BaseModel):
     model_version: str = Field(description="<weights sha256[:12]>-<training commit[:12]>")
 
 
+#: The 422 code of a record the model failed on (its batch neighbours are scored as usual).
+SCORING_FAILED = "scoring_failed"
+
+
 class RejectionDetail(BaseModel):
     reason: str = Field(description="code or code:detail, e.g. flat_lead:V3")
-    code: str = Field(description="one of: " + ", ".join(REJECTION_CODES))
+    code: str = Field(description="one of: " + ", ".join(REJECTION_CODES) + f"; or {SCORING_FAILED} (the model "
+                                  "failed on this record)")
     message: str
 
 
@@ -68,3 +73,12 @@ class ModelInfo(BaseModel):
     prep_config: dict
     metadata: dict
     batching: dict = Field(description="max_batch_size and batch_wait_timeout_s of the model deployment")
+
+
+class ReadyBody(BaseModel):
+    """``/readyz``: answered from the last probe of the model while it is younger than the app's ``ready_ttl_s``."""
+
+    status: str = Field(description="ready, or unavailable (with status 503)")
+    model_version: str
+    canned_score: float = Field(description="the score of the canned synthetic ECG the probe sends")
+    checked_at: float = Field(description="when the probe ran (Unix time)")
