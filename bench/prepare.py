@@ -3,8 +3,11 @@
 The R-peak comparison runs on the same normalized windows in the same process: ours is ``find_r_peaks`` plus
 ``extract_beats`` (and ``find_r_peaks`` alone); the baseline is what the reference does per record, a plain
 ``heartpy.process(lead II, 500.0)``, which yields only the peak list (its beat cutting would come on top).
-``rpeak_ratio_vs_heartpy`` is HeartPy's time over ours: above 1, ours is faster. Each figure is the best of several
-repeats, the usual way to read a timing on a shared machine. The last line is one JSON object.
+``rpeak_ratio_vs_heartpy`` is HeartPy's time over ours: above 1, ours is faster. ``read_records_per_s`` is
+`read_record` alone per source format: WFDB over the sample records, and each hospital format over its files in
+``formats/`` (a format's first read also imports its library; the best of the repeats leaves that out). Each figure
+is the best of several repeats, the usual way to read a timing on a shared machine. The last line is one JSON
+object.
 
     python bench/prepare.py [--repeats 5]
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgad.formats import sniff_format
 from ecgad.io import read_record
 from ecgad.preprocess import extract_beats, find_r_peaks, prepare
 from ecgad.settings import sample_data_dir
@@ -54,6 +58,7 @@ def main() -> None:
 
     pipeline_s = best_seconds(pipeline, args.repeats)
     read_s = best_seconds(lambda: [read_record(h) for h in headers], args.repeats)
+    read_rates = {"wfdb": round(len(headers) / read_s, 1), **_hospital_read_rates(root, args.repeats)}
     records = [read_record(h) for h in prepared]  # the ones that pass validate and prepare
     prepare_s = best_seconds(lambda: [prepare(r) for r in records], args.repeats)
 
@@ -85,6 +90,8 @@ def main() -> None:
     print(f"records: {n} ({len(windows)} windows of 10 s); rejected: {rejected or 'none'}")
     print(f"read + validate + prepare: {n / pipeline_s:8.1f} records/s ({1e3 * pipeline_s / n:.2f} ms/record)")
     print(f"  read only:               {n / read_s:8.1f} records/s")
+    for fmt, rate in list(read_rates.items())[1:]:
+        print(f"  read {fmt + ':':<20} {rate:8.1f} records/s")
     print(f"  prepare only:            {len(records) / prepare_s:8.1f} records/s "
           f"({1e3 * prepare_s / len(records):.2f} ms/record)")
     print(f"R-peaks, ours:             {1e3 * peaks_s / len(windows):8.3f} ms/window")
@@ -95,7 +102,19 @@ def main() -> None:
                       "rpeak_ms_per_window": round(1e3 * ours_s / len(windows), 3),
                       "heartpy_ms_per_window": round(1e3 * heartpy_s / len(windows), 3),
                       "rpeak_ratio_vs_heartpy": round(heartpy_s / ours_s, 2),
-                      "rpeak_only_ratio_vs_heartpy": round(heartpy_s / peaks_s, 2)}))
+                      "rpeak_only_ratio_vs_heartpy": round(heartpy_s / peaks_s, 2),
+                      "read_records_per_s": read_rates}))
+
+
+def _hospital_read_rates(root: Path, repeats: int) -> dict[str, float]:
+    """``read_record`` throughput (records/s) per hospital format over the files of ``root/formats``."""
+    by_format: dict[str, list[Path]] = {}
+    for path in sorted((root / "formats").rglob("*")):
+        fmt = sniff_format(path) if path.is_file() else None
+        if fmt:
+            by_format.setdefault(fmt, []).append(path)
+    return {fmt: round(len(paths) / best_seconds(lambda: [read_record(p) for p in paths], repeats), 1)
+            for fmt, paths in by_format.items()}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ All entry points (training, archive scoring, the web service, the CLI) read thro
 `record_from_array`, so a file is interpreted the same way everywhere. A reader never raises anything but
 `Rejection` for bad input: an archive job turns it into a status row, the service into a 422 body.
 
-Formats (chosen by `read_record` from the path):
+Formats (chosen by `read_record` from the path, then from the content):
 
 - **WFDB**: a ``.hea`` header with its signal files (``.dat``, CinC-style ``.mat``, PTB ``.xyz``, ...), read with
   ``wfdb``. The path may name the header, any of its signal files, or the extension-less record. Physical units
@@ -20,6 +20,10 @@ Formats (chosen by `read_record` from the path):
   unnamed first header cell marks a pandas index column, which is dropped. Delimiter: ``,`` ``;`` tab, or
   whitespace. Values in mV. The rate comes from ``fs=`` or a comment line ``# fs=500`` (also ``sampling_rate`` /
   ``sampling_rate_hz``, ``=`` or ``:``); ``#`` lines are otherwise ignored.
+- **Hospital formats** (DICOM waveform, HL7 aECG, GE MUSE XML, Philips XML, SCP-ECG, EDF/EDF+): any other file
+  whose *content* `ecgad.formats.sniff_format` recognizes (magic bytes or XML root element), whatever its name;
+  decoded by the format's module in `ecgad.formats` (docs/formats.md). The rate is the file's; what the file says
+  that matters for scoring (pacemaker spikes, several rhythm series) is in ``metadata["warnings"]``.
 - **NPY** (``.npy``): a 2-D array in mV; ``fs`` required, lead names and orientation as for header-less CSV.
   **NPZ** (``.npz``): keys ``signal`` (required), ``fs`` and ``lead_names`` (each may instead be given as an
   argument).
@@ -27,11 +31,13 @@ Formats (chosen by `read_record` from the path):
 Rates: a rate given as ``fs=`` fills in for a file that carries none; if the file carries one too, the two must
 agree (``bad_fs`` otherwise), because silently preferring either would time-stretch the record.
 
-Rejection mapping: unreadable, empty, unknown-format or random-byte files, missing signal files, unsupported
-WFDB formats -> ``bad_file``; a signal file shorter than its header announces -> ``truncated``; a signal file
-sized for a different channel count, a checksum mismatch, or samples ``wfdb`` cannot lay out as the header
-describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate -> ``bad_fs``; an array
-that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems -> see `ecgad.leads`.
+Rejection mapping (the hospital formats add their own ``bad_file:<detail>``, e.g. ``median_beat_only`` and
+``xml_entities``: docs/formats.md): unreadable, empty, unknown-format or random-byte files, missing signal
+files, unsupported WFDB formats -> ``bad_file``; a signal file shorter than its header announces ->
+``truncated``; a signal file sized for a different channel count, a checksum mismatch, or samples ``wfdb`` cannot
+lay out as the header describes -> ``header_mismatch``; missing, non-numeric, conflicting or implausible rate ->
+``bad_fs``; an array that is not 2-D or whose axes do not match the lead names -> ``bad_shape``; lead problems ->
+see `ecgad.leads`.
 A file cut exactly at a whole number of channels is indistinguishable from a channel-count mismatch and is
 reported as ``header_mismatch``.
 """
@@ -42,7 +48,7 @@ import csv
 import math
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,8 @@ from typing import Any
 import numpy as np
 import wfdb
 
+from ecgad.formats import decode, sniff_format
+from ecgad.formats.common import unit_to_mv
 from ecgad.leads import standardize_leads
 from ecgad.types import LEADS, Record, Rejection
 from ecgad.validate import check_fs
@@ -65,9 +73,6 @@ _WFDB_BITS: dict[str, Fraction] = {
     "80": Fraction(8), "160": Fraction(16), "212": Fraction(12), "310": Fraction(32, 3), "311": Fraction(32, 3),
 }
 
-#: Physical units an ECG header may state, as a factor to mV. An empty unit is mV (WFDB's default).
-_UNIT_TO_MV: dict[str, float] = {"": 1.0, "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
-
 _FS_HINT = re.compile(r"^#\s*(?:fs|sampling_rate|sampling_rate_hz)\s*[=:]\s*(\S+)\s*$", re.IGNORECASE)
 
 #: The files `read_record` takes as one record each (a WFDB record by its header, whatever its signal files): what a
@@ -76,7 +81,7 @@ RECORD_SUFFIXES = frozenset({".hea", ".csv", ".npy", ".npz"})
 
 
 def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequence[str] | None = None) -> Record:
-    """Read one ECG file (WFDB, CSV, NPY or NPZ; see the module docstring) into a `Record`.
+    """Read one ECG file (WFDB, CSV, NPY, NPZ or a hospital format; see the module docstring) into a `Record`.
 
     ``fs`` (Hz) is needed where the file carries no rate; ``lead_names`` replaces the file's own names (needed
     where it has none). The result's signal is ``(12, samples)`` float32 in mV, `LEADS` order; ``record_id`` is
@@ -95,6 +100,10 @@ def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequen
         reader, file = _read_numpy, path
     elif path.with_suffix(".hea").is_file():   # a WFDB signal file (.dat, .mat, .xyz, ...)
         reader, file = _read_wfdb, path.with_suffix(".hea")
+    elif (fmt := sniff_format(path)) is not None:      # by content: DICOM, SCP-ECG, EDF, the ECG XML formats
+        reader, file = _hospital_reader(fmt), path
+    elif path.is_file() and path.stat().st_size == 0:
+        raise Rejection("bad_file", "empty", f"{path} is empty")
     else:
         raise Rejection("bad_file", "unknown_format" if path.exists() else "no_such_file", f"cannot read {path}")
     try:
@@ -171,7 +180,7 @@ def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | 
         raise Rejection("header_mismatch", "layout",
                         f"wfdb cannot read the samples as the header describes: {exc}") from None
     _check_checksums(rec)
-    scale = np.array([_unit_to_mv(unit) for unit in rec.units])
+    scale = np.array([unit_to_mv(unit or "mV") for unit in rec.units])   # WFDB: no unit means mV
     metadata = {"path": str(header_path), "format": "wfdb", "units": list(rec.units), "comments": list(rec.comments)}
     names = lead_names if lead_names is not None else rec.sig_name
     return _assemble((physical * scale).T, rate, names, base.name, metadata)
@@ -237,11 +246,17 @@ def _check_checksums(rec: wfdb.Record) -> None:
             raise Rejection("header_mismatch", "checksum", f"checksum of channel {name} disagrees with the header")
 
 
-def _unit_to_mv(unit: str | None) -> float:
-    try:
-        return _UNIT_TO_MV[(unit or "").strip().lower()]
-    except KeyError:
-        raise Rejection("bad_file", "unit", f"physical unit {unit!r} is not a voltage") from None
+# --- hospital formats --------------------------------------------------------------------------------------------
+
+def _hospital_reader(fmt: str) -> Callable[[Path, float | None, Sequence[str] | None], Record]:
+    """A reader for one of `ecgad.formats` (``fmt`` from `sniff_format`), with the other readers' signature."""
+    def read(path: Path, fs: float | None, lead_names: Sequence[str] | None) -> Record:
+        decoded = decode(path, fmt)
+        rate = _resolve_fs(decoded.fs, fs)
+        metadata = {"path": str(path), **decoded.metadata, "warnings": list(decoded.warnings)}
+        names = lead_names if lead_names is not None else decoded.lead_names
+        return _assemble(np.asarray(decoded.signal, dtype=np.float64), rate, names, path.stem, metadata)
+    return read
 
 
 # --- CSV --------------------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def standardize_leads(signal: np.ndarray, lead_names: Sequence[str | None]) -> t
     leads, which readers keep in the metadata so a user can tell measured from computed leads.
 
     Rejections: ``unknown_lead:<name>``, ``bad_shape:duplicate:<lead>`` (two channels claim the same lead; which
-    one is right cannot be known), ``missing_lead:<lead>`` (a lead that is absent and not derivable).
+    one is right cannot be known), ``missing_lead:<lead>`` (the first lead that is absent and not derivable; the
+    message names all of them).
     """
     index: dict[str, int] = {}
     for i, name in enumerate(lead_names):
@@ -72,10 +73,13 @@ def standardize_leads(signal: np.ndarray, lead_names: Sequence[str | None]) -> t
 
     derived = tuple(lead for lead in LEADS if lead not in index and lead in _DERIVABLE)
     if derived and not {"I", "II"} <= index.keys():
-        raise Rejection("missing_lead", "I" if "I" not in index else "II")
+        absent = [lead for lead in LEADS if lead not in index]
+        raise Rejection("missing_lead", "I" if "I" not in index else "II",
+                        f"missing: {', '.join(absent)}; III, aVR, aVL and aVF can only be derived from I and II")
     missing = [lead for lead in LEADS if lead not in index and lead not in _DERIVABLE]
     if missing:
-        raise Rejection("missing_lead", missing[0])
+        raise Rejection("missing_lead", missing[0], f"missing and not derivable: {', '.join(missing)} "
+                                                    f"(present: {', '.join(sorted(index, key=LEADS.index))})")
 
     out = np.empty((len(LEADS), signal.shape[1]), dtype=np.float32)
     for row, lead in enumerate(LEADS):

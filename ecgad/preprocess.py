@@ -188,9 +188,10 @@ def prepare(record: Record, cfg: PrepConfig = _DEFAULT) -> Prepared:
     """A validated ``Record`` (12 leads in ``LEADS`` order, mV, any rate, at least 10 s) -> ``Prepared``.
 
     Windows that cannot be used (a lead flat over the window, no valid beat) are skipped with a line in
-    ``metadata["warnings"]``; if none is left the record is rejected with the first window's reason
-    (``flat_lead:<lead>`` or ``no_beats``), so a 10 s record gets exactly its one window's verdict. Malformed input
-    is rejected too (``bad_shape``, ``nan``, ``bad_fs``, ``too_short``), never turned into NaN.
+    ``metadata["warnings"]``, after the reader's own (``record.metadata["warnings"]``, e.g. pacemaker spikes); if
+    none is left the record is rejected with the first window's reason (``flat_lead:<lead>`` or ``no_beats``), so a
+    10 s record gets exactly its one window's verdict. Malformed input is rejected too (``bad_shape``, ``nan``,
+    ``bad_fs``, ``too_short``), never turned into NaN.
     """
     signal = np.asarray(record.signal, dtype=np.float64)
     if signal.ndim != 2 or signal.shape[0] != len(LEADS):
@@ -217,4 +218,5 @@ def prepare(record: Record, cfg: PrepConfig = _DEFAULT) -> Prepared:
     if not windows:
         raise rejections[0]
     return Prepared(record_id=record.record_id, windows=windows, n_samples_model=int(x.shape[1]),
-                    source_fs=float(record.fs), source_samples=record.n_samples, metadata={"warnings": warnings})
+                    source_fs=float(record.fs), source_samples=record.n_samples,
+                    metadata={"warnings": [*record.metadata.get("warnings", []), *warnings]})

@@ -297,3 +297,19 @@ def test_lead_rejections(names, reason):
     with pytest.raises(Rejection) as info:
         standardize_leads(np.zeros((len(names), 10), dtype=np.float32), names)
     assert info.value.reason == reason
+
+
+def test_missing_lead_message_names_every_missing_lead():
+    with pytest.raises(Rejection) as info:
+        standardize_leads(np.zeros((6, 10), dtype=np.float32), ["I", "II", "V1", "V2", "V3", "V4"])
+    assert info.value.reason == "missing_lead:V5" and "V5, V6" in info.value.message
+    with pytest.raises(Rejection) as info:
+        standardize_leads(np.zeros((7, 10), dtype=np.float32), ["I", *LEADS[6:]])
+    assert info.value.reason == "missing_lead:II" and "II, III, aVR, aVL, aVF" in info.value.message
+
+
+def test_unknown_content_with_any_suffix_is_refused(tmp_path):
+    (tmp_path / "notes.xml").write_text("<notes>not an ECG</notes>")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    assert _reason(tmp_path / "notes.xml") == "bad_file:unknown_format"
+    assert _reason(tmp_path / "empty.dcm") == "bad_file:empty"
