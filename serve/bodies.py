@@ -123,6 +123,13 @@ def _json_rejection(err: ValidationError) -> Rejection:
     return Rejection(code, where or "body", f"{where or 'body'}: {first['msg']}")
 
 
+def checked(record: Record) -> Record:
+    """``record`` within `LIMITS` and valid (`ecgad.validate.validate`), else its `Rejection`: the last gate before
+    `ecgad.preprocess.prepare`, whose resampling multiplies a low-rate record's size."""
+    LIMITS.check_declared(record.signal.shape[0], record.signal.shape[1], record.fs)
+    return validate(record)
+
+
 def _check_declared_shape(shape: Sequence[int], item_bytes: int, fs: float | None) -> None:
     """`LIMITS` against the shape a body declares, before its values are decoded. A 2-D signal may come either way
     round, so its smaller axis counts as the channels; any shape counts at least 8 bytes a value (what the readers
@@ -153,8 +160,7 @@ def record_from_json(body: bytes) -> Record:
         raise _json_rejection(err) from None
     _check_declared_shape((len(signal), max((len(row) for row in signal if isinstance(row, list)), default=0)),
                           8, envelope.fs)
-    record = record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id)
-    return validate(record)
+    return checked(record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id))
 
 
 def parse_fs(value: str | None) -> float | None:
@@ -198,7 +204,7 @@ def record_from_npy(body: bytes, fs: float | None, lead_names: Sequence[str] | N
         raise Rejection("bad_file", "npy", f"the body is not an .npy array: {err}") from None
     if fs is None:
         raise Rejection("bad_fs", "missing", "give fs as a query parameter or an X-ECG-FS header")
-    return validate(record_from_array(array, fs, lead_names, record_id=record_id))
+    return checked(record_from_array(array, fs, lead_names, record_id=record_id))
 
 
 def _pick_record_file(names: Sequence[str]) -> str:
@@ -256,7 +262,7 @@ def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
         except Rejection as rejection:
             raise _without_folder(rejection, str(Path(tmp).resolve())) from None
     record.metadata.pop("path", None)           # a temporary path means nothing to the client
-    return validate(record)
+    return checked(record)
 
 
 def parse_map_spec(spec: str) -> int | None:
