@@ -41,7 +41,7 @@ HOSTILE_NUMBERS = ("0", "-1", "-500", "1e-300", "1e300", "1e12", "10000000000000
 
 #: Record and file names that have broken renderers, shells or path handling (kept legal on a POSIX file system:
 #: no NUL or slash, at most 255 bytes; the service fuzz adds NUL and longer names to its upload names itself).
-HOSTILE_NAMES = ("$\\frac{1}{2}$", "$x^{2^{2^{2^{2}}}}$", "$" * 40, "%s%n%x", "<script>alert(1)</script>",
+HOSTILE_NAMES = ("$\\frac{1}{2}$", "$x^{2^{2^{2^{2}}}}$", "$" * 40, "%s%n%x", "<img src=x onerror=alert(1)>",
                  "-rf", " leading space", "trailing dot.", "a" * 240, "é\u202eevil", "😀" * 30, "x.hea.npy",
                  "CON", "..", "...", "a\\b", "\r\nfake: header")
 
