@@ -14,8 +14,9 @@ read exactly as it is read offline:
   one ``.csv`` / ``.npy`` file, written to a private temporary folder and read with `ecgad.io.read_record`.
 
 Every body is hostile until shown otherwise: sizes are checked against `ecgad.limits.LIMITS` (the limits the CLI and
-the batch jobs use) from what the body declares, before anything is decoded (an NPY header's shape, a JSON signal's
-row lengths); every parser error, deep JSON's `RecursionError` included, becomes a typed `Rejection`; upload names
+the batch jobs use, checked by the same `ecgad.io` code) from what the body declares, before anything is allocated
+(an NPY header's shape, an upload's headers; a JSON signal's shape once parsed, within the body-size limit); every
+parser error, deep JSON's `RecursionError` included, becomes a typed `Rejection`; upload names
 that no file system takes (NUL, control characters, over 255 bytes) are refused before they reach one. What goes
 back is bounded too: a long record's map is downsampled (`map_step`) and its plot cut (`PLOT_MAX_SECONDS`).
 """
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
+from ecgad.io import _read_npy_array as read_npy_array
 from ecgad.io import read_record, record_from_array
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
@@ -123,27 +125,11 @@ def _json_rejection(err: ValidationError) -> Rejection:
     return Rejection(code, where or "body", f"{where or 'body'}: {first['msg']}")
 
 
-def checked(record: Record) -> Record:
-    """``record`` within `LIMITS` and valid (`ecgad.validate.validate`), else its `Rejection`: the last gate before
-    `ecgad.preprocess.prepare`, whose resampling multiplies a low-rate record's size."""
-    LIMITS.check_declared(record.signal.shape[0], record.signal.shape[1], record.fs)
-    return validate(record)
-
-
-def _check_declared_shape(shape: Sequence[int], item_bytes: int, fs: float | None) -> None:
-    """`LIMITS` against the shape a body declares, before its values are decoded. A 2-D signal may come either way
-    round, so its smaller axis counts as the channels; any shape counts at least 8 bytes a value (what the readers
-    and the resampler work in)."""
-    n_values = math.prod(int(n) for n in shape)
-    LIMITS.check_bytes(n_values * max(int(item_bytes), 8))
-    if len(shape) == 2:
-        LIMITS.check_declared(min(shape), max(shape), fs)
-
-
 def record_from_json(body: bytes) -> Record:
     """A `ScoreRequest` body -> validated `Record`; the signal goes to numpy, the rest through the schema.
 
-    The signal's declared size (rows x longest row) is checked against `LIMITS` before numpy sees it; JSON nested
+    `ecgad.io.record_from_array` checks the signal's shape against `LIMITS` (what ``json`` and numpy decode before
+    that is bounded by the body-size limit); JSON nested
     deeper than the parser's recursion limit is a ``bad_file`` rejection like any other malformed body."""
     try:
         payload = json.loads(body)
@@ -158,9 +144,7 @@ def record_from_json(body: bytes) -> Record:
         envelope = ScoreRequest.model_validate({**payload, "signal": []})
     except ValidationError as err:
         raise _json_rejection(err) from None
-    _check_declared_shape((len(signal), max((len(row) for row in signal if isinstance(row, list)), default=0)),
-                          8, envelope.fs)
-    return checked(record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id))
+    return validate(record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id))
 
 
 def parse_fs(value: str | None) -> float | None:
@@ -180,31 +164,21 @@ def parse_lead_names(value: str | None) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in value.split(","))
 
 
-def _npy_declared(buffer: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype an ``.npy`` header declares (the buffer is left at the start): what `np.load` would
-    allocate before reading a byte of data."""
-    version = np.lib.format.read_magic(buffer)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f"unsupported .npy format version {version}")
-    shape, _, dtype = readers[version](buffer)
-    buffer.seek(0)
-    return shape, dtype
-
-
 def record_from_npy(body: bytes, fs: float | None, lead_names: Sequence[str] | None, record_id: str = "") -> Record:
-    """An ``.npy`` body (never pickles) -> validated `Record`; the header's shape is checked against `LIMITS` before
-    the array is allocated (a 1 KiB body may declare a (12, 10^12) array)."""
-    buffer = io.BytesIO(body)
+    """An ``.npy`` body (never pickles) -> validated `Record`, read as the NPY reader reads a file: the header's
+    shape is checked against `LIMITS` and the body's length before anything is allocated (a 1 KiB body may declare
+    a (12, 10^12) array)."""
     try:
-        shape, dtype = _npy_declared(buffer)
-        _check_declared_shape(shape, dtype.itemsize, fs)
-        array = np.load(buffer, allow_pickle=False)
+        array = read_npy_array(io.BytesIO(body), len(body), "body", "signal", LIMITS)
+    except Rejection as rejection:
+        if rejection.code != "bad_file":
+            raise
+        raise Rejection("bad_file", "npy", f"the body is not an .npy array: {rejection.message}") from None
     except (ValueError, OSError, EOFError) as err:
         raise Rejection("bad_file", "npy", f"the body is not an .npy array: {err}") from None
     if fs is None:
         raise Rejection("bad_fs", "missing", "give fs as a query parameter or an X-ECG-FS header")
-    return checked(record_from_array(array, fs, lead_names, record_id=record_id))
+    return validate(record_from_array(array, fs, lead_names, record_id=record_id))
 
 
 def _pick_record_file(names: Sequence[str]) -> str:
@@ -235,15 +209,6 @@ def upload_name(filename: str) -> str:
     return name
 
 
-def _without_folder(rejection: Rejection, folder: str) -> Rejection:
-    """``rejection`` with the server's temporary folder removed from its text: it means nothing to the client and
-    tells an attacker about the host."""
-    def scrub(text: str) -> str:
-        return text.replace(folder + "/", "").replace(folder, "")
-
-    return Rejection(rejection.code, scrub(rejection.detail), scrub(rejection.message))
-
-
 def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
                       lead_names: Sequence[str] | None) -> Record:
     """Uploaded ``(filename, content)`` pairs of one record -> validated `Record`.
@@ -257,12 +222,9 @@ def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
     with tempfile.TemporaryDirectory(prefix="ecgad-upload-") as tmp:
         for name, content in named.items():
             (Path(tmp) / name).write_bytes(content)
-        try:
-            record = read_record(Path(tmp) / main, fs=fs, lead_names=lead_names)
-        except Rejection as rejection:
-            raise _without_folder(rejection, str(Path(tmp).resolve())) from None
+        record = read_record(Path(tmp) / main, fs=fs, lead_names=lead_names)
     record.metadata.pop("path", None)           # a temporary path means nothing to the client
-    return checked(record)
+    return validate(record)
 
 
 def parse_map_spec(spec: str) -> int | None:
