@@ -29,7 +29,7 @@ from ecgad.io import read_record
 from ecgad.types import REJECTION_CODES, Rejection, Scores
 from serve import bodies
 from serve.schemas import SCORING_FAILED
-from serve.testing import local_config, local_service, random_checkpoint
+from serve.testing import local_config, local_service, random_checkpoint, token_client
 from tests.fuzz_corpus import BASE_FS, FuzzCase, base_signal, corpus, npy_bytes, npy_header
 
 pytestmark = pytest.mark.cluster  # starts Ray and Serve (see pyproject.toml's markers)
@@ -62,7 +62,7 @@ def service(ray_session, checkpoint):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with httpx.Client(base_url=service, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with token_client(service, TOKEN) as c:
         yield c
 
 
