@@ -34,7 +34,9 @@ class ScoreResponse(BaseModel):
     threshold: float | None = Field(description="decision threshold from the checkpoint; null if never calibrated")
     anomaly_map: list[list[float]] | None = Field(
         description="(12, samples) anomaly map on the input's own time axis, leads in standard order; with "
-                    "map=downsample=N each column is the maximum over N input samples; null with map=none")
+                    "map=downsample=N each column is the maximum over N input samples; long records are "
+                    "downsampled by map=auto (the default), and no map is wider than the service's limit; null "
+                    "with map=none")
     map_step: int | None = Field(description="input samples per anomaly_map column (1 = full resolution)")
     r_peaks: list[int] = Field(description="R-peak positions used for the beats")
     beats_used: int
