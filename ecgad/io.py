@@ -202,10 +202,13 @@ def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | 
     if isinstance(header, wfdb.MultiRecord):
         raise Rejection("bad_file", "multi_segment", "multi-segment WFDB records are not supported")
     rate = _resolve_fs(_header_fs(header_path), fs)
-    sig_len, values_per_sample = _check_signal_files(base.parent, header)
     limits.check_channels(header.n_sig)
-    limits.check_bytes(sig_len * values_per_sample * 8)
-    limits.check_duration(sig_len, rate)
+    values_per_sample = sum(spf or 1 for spf in header.samps_per_frame or [])
+    if header.sig_len:                        # what the header declares is refused before the files are looked at
+        _check_wfdb_size(header.sig_len, values_per_sample, rate, limits)
+        _check_signal_files(base.parent, header)
+    else:                                     # without a length, what wfdb will infer from the signal file
+        _check_wfdb_size(_check_signal_files(base.parent, header), values_per_sample, rate, limits)
     try:
         rec = wfdb.rdrecord(str(base), physical=False, return_res=64)
         physical = rec.dac(return_res=64)
@@ -236,12 +239,17 @@ def _header_fs(header_path: Path) -> float | None:
         raise Rejection("bad_fs", "non_numeric", f"header rate {rate!r} is not a number") from None
 
 
-def _check_signal_files(directory: Path, header: wfdb.Record) -> tuple[int, int]:
+def _check_wfdb_size(sig_len: int, values_per_sample: int, rate: float, limits: InputLimits) -> None:
+    """The limits for ``sig_len`` samples of ``values_per_sample`` values each (the channels' samples per frame)."""
+    limits.check_bytes(sig_len * values_per_sample * 8)
+    limits.check_duration(sig_len, rate)
+
+
+def _check_signal_files(directory: Path, header: wfdb.Record) -> int:
     """Compare each signal file's size with what the header announces, before any sample is read.
 
-    Returns the record's length in samples (the header's ``sig_len``, or without one what ``wfdb`` will infer
-    from the first signal file's size) and the values stored per sample time (the sum of the samples per
-    frame), from which the caller checks the limits before ``wfdb`` allocates.
+    Returns the record's length in samples: the header's ``sig_len``, or without one what ``wfdb`` will infer from
+    the first signal file's size.
     """
     if not header.n_sig:
         raise Rejection("bad_file", "no_signals", "the header declares no signals")
@@ -257,10 +265,9 @@ def _check_signal_files(directory: Path, header: wfdb.Record) -> tuple[int, int]
             raise Rejection("header_mismatch", "format", f"{name} is declared with formats {known_fmt} and {fmt}")
         files[name] = (fmt, frame + (spf or 1), known_offset)
     sizes = {name: _signal_file_size(directory, name) for name in files}
-    values_per_sample = sum(frame for _, frame, _ in files.values())
     if not header.sig_len:                     # no length announced: wfdb infers it from the first file's size
         name, (fmt, frame, offset) = next(iter(files.items()))
-        return int(max(sizes[name] - offset, 0) * 8 / (_WFDB_BITS[fmt] * frame)), values_per_sample
+        return int(max(sizes[name] - offset, 0) * 8 / (_WFDB_BITS[fmt] * frame))
     for name, (fmt, frame, offset) in files.items():
         size = sizes[name]
         data_bits = max(size - offset, 0) * 8
@@ -272,7 +279,7 @@ def _check_signal_files(directory: Path, header: wfdb.Record) -> tuple[int, int]
         needed = offset + math.floor(channel_bits * frame / 8)
         if size < needed:
             raise Rejection("truncated", "", f"{name} has {size} bytes, the header announces {needed}")
-    return header.sig_len, values_per_sample
+    return header.sig_len
 
 
 def _signal_file_size(directory: Path, name: str) -> int:

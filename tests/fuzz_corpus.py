@@ -365,7 +365,7 @@ def fixed_cases(bomb_mib: int = 1024) -> list[FuzzCase]:
         FuzzCase("wfdb_many_channels", "wfdb_header",
                  (header(f"{name} {200} {fs} {sig_len}", (signal_lines * 17)[:200]), dat)),
         FuzzCase("wfdb_long_fs50", "wfdb_header", (header(f"{name} {n_sig} 50 {10**7}"), dat)),
-        FuzzCase("csv_many_rows", "csv", (("rows.csv", b"# fs=500\n" + b"0,0\n" * 500_000),)),
+        FuzzCase("csv_many_rows", "csv", (("rows.csv", b"# fs=500\n" + b"0,0,0,0,0,0,0,0,0,0,0,0\n" * 800_000),)),
     ]
     cases += [FuzzCase(f"hostile_name_{i:02d}", "name", ((f"{stem}.npz", npz_bytes(
         {"signal.npy": npy_bytes(base_signal()), "fs.npy": npy_bytes(np.array(float(BASE_FS)))})),))
