@@ -251,9 +251,11 @@ def _header_fs(header_path: Path) -> float | None:
 def _check_signal_count(header: wfdb.Record) -> None:
     if not header.n_sig:
         raise Rejection("bad_file", "no_signals", "the header declares no signals")
-    if header.n_sig != len(header.file_name):  # wfdb parses the signal lines present, whatever the record line says
+    # wfdb parses the signal lines present, whatever the record line says (and none at all leaves ``file_name`` None)
+    lines = len(header.file_name or ())
+    if header.n_sig != lines:
         raise Rejection("header_mismatch", "channels",
-                        f"the record line declares {header.n_sig} signals, the signal lines {len(header.file_name)}")
+                        f"the record line declares {header.n_sig} signals, the signal lines {lines}")
 
 
 def _check_wfdb_size(sig_len: int, values_per_sample: int, rate: float, limits: InputLimits) -> None:

@@ -191,6 +191,12 @@ def test_mangled_headers_only_ever_raise_rejection(sample_data, tmp_path):
     assert {"bad_file", "bad_fs", "header_mismatch", "unknown_lead"} <= reasons
 
 
+def test_header_with_a_record_line_and_no_signal_lines_is_a_typed_mismatch(tmp_path):
+    """wfdb leaves no signal-file list at all for such a header (found by sending it to the service)."""
+    (tmp_path / "rec.hea").write_text("rec 12 500 5000\n")
+    assert _reason(tmp_path / "rec.hea") == "header_mismatch:channels"
+
+
 # --- CSV, NPY, NPZ -------------------------------------------------------------------------------------------------
 
 @pytest.fixture()
