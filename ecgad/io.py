@@ -430,7 +430,7 @@ def _is_number(cell: str) -> bool:
 # --- NPY / NPZ --------------------------------------------------------------------------------------------------
 
 def _read_numpy(path: Path, fs: float | None, lead_names: Sequence[str] | None, limits: InputLimits) -> Record:
-    """NPY or NPZ, told apart by content as `numpy.load` does; arrays are read by `_read_npy_array`, which checks
+    """NPY or NPZ, told apart by content as `numpy.load` does; arrays are read by `read_npy_array`, which checks
     the declared size first (``np.load`` would allocate whatever a header declares: a MemoryError, not an answer)."""
     file_fs = file_names = None
     try:
@@ -444,7 +444,7 @@ def _read_numpy(path: Path, fs: float | None, lead_names: Sequence[str] | None, 
                     file_names = [str(name) for name in stored_names.ravel()]
             else:
                 file.seek(0)
-                signal = _read_npy_array(file, path.stat().st_size, path.name, "signal", limits)
+                signal = read_npy_array(file, path.stat().st_size, path.name, "signal", limits)
     except _NUMPY_ERRORS as exc:
         raise Rejection("bad_file", "unreadable",
                         f"cannot read {path.name} as NumPy data: {_without_folders(exc)}") from None
@@ -473,11 +473,11 @@ def _read_npz(file, name: str, limits: InputLimits) -> tuple[np.ndarray, np.ndar
             limits.check_bytes(info.file_size, key)
             limits.check_compression(info.file_size, info.compress_size, key)
             with archive.open(info) as member:
-                arrays.append(_read_npy_array(member, info.file_size, f"{name}:{key}", key, limits))
+                arrays.append(read_npy_array(member, info.file_size, f"{name}:{key}", key, limits))
     return arrays[0], arrays[1], arrays[2]
 
 
-def _read_npy_array(stream, available: int, what: str, key: str, limits: InputLimits) -> np.ndarray:
+def read_npy_array(stream, available: int, what: str, key: str, limits: InputLimits) -> np.ndarray:
     """One NPY array (``what``, the ``key`` array of the file) from ``stream`` holding ``available`` bytes: its
     header's shape x item size checked against
     the limits (as float64, what the readers widen to) and against ``available`` (a header declaring more than

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from ecgad.io import _read_npy_array as read_npy_array
+from ecgad.io import read_npy_array
 from ecgad.io import read_record, record_from_array
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
