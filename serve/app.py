@@ -293,7 +293,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 _ERRORS = {400: {"description": "malformed query parameters or headers (e.g. map=half), or a Host not allowed"},
            403: {"description": "a browser's cross-site POST from an origin not allowed"},
            413: {"description": "body larger than the configured limit"},
-           415: {"description": "not JSON, application/x-npy or multipart/form-data"},
+           415: {"description": "not JSON, application/x-npy, multipart/form-data or one ECG file"},
            422: {"model": RejectionBody, "description": "the ECG cannot be scored; `reason` says why"},
            503: {"description": "overloaded (the queues, or every work slot of the replica, are full) or a model "
                                 "replica is being replaced; retry after Retry-After"}}
@@ -307,8 +307,10 @@ _SCORE_BODY = {"requestBody": {"required": True, "content": {
                                                 "as query parameters or X-ECG-FS / X-ECG-Leads headers"}},
     bodies.MULTIPART_TYPE: {"schema": {"type": "object", "required": ["files"], "properties": {"files": {
         "type": "array", "items": {"type": "string", "format": "binary"},
-        "description": "one record: a WFDB .hea with its .dat/.mat, or one .csv/.npy (fs as a query parameter "
-                       "if the file has none)"}}}},
+        "description": "one record: a WFDB .hea with its .dat/.mat, one .csv/.npy, or one DICOM, HL7 aECG, GE "
+                       "MUSE, Philips, SCP-ECG or EDF file (fs as a query parameter if the file has none)"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+        "one DICOM, HL7 aECG, GE MUSE, Philips, SCP-ECG or EDF file, recognized from its content"}},
 }}}
 
 _MapQuery = Query("auto", alias="map", pattern=bodies.MAP_SPEC_PATTERN,
@@ -360,9 +362,10 @@ class ECGIngress:
         keeps serving other requests meanwhile; all of it in one work slot, so a burst of large bodies waits (or
         gets 503) instead of being held in memory at once."""
         kind = bodies.media_type(request.headers.get("content-type"))
-        if kind not in (bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE):
+        if kind not in (bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE) and kind not in bodies.FILE_TYPES:
             raise bodies.UnsupportedMediaType(f"unsupported Content-Type {kind!r}; send {bodies.JSON_TYPE}, "
-                                              f"{bodies.NPY_TYPE} or {bodies.MULTIPART_TYPE}")
+                                              f"{bodies.NPY_TYPE}, {bodies.MULTIPART_TYPE} or one ECG file as "
+                                              "application/octet-stream")
         async with self.work.taken() as slot:
             body = await bodies.read_limited(request.headers.get("content-length"), request.stream(),
                                              self.max_body_bytes)
@@ -371,9 +374,12 @@ class ECGIngress:
             elif kind == bodies.NPY_TYPE:
                 parse = functools.partial(bodies.record_from_npy, body, bodies.parse_fs(fs),
                                           bodies.parse_lead_names(lead_names), record_id)
-            else:
+            elif kind == bodies.MULTIPART_TYPE:
                 parse = functools.partial(bodies.record_from_files, await _multipart_files(request, body),
                                           bodies.parse_fs(fs), bodies.parse_lead_names(lead_names))
+            else:
+                parse = functools.partial(bodies.record_from_file_body, body, bodies.parse_fs(fs),
+                                          bodies.parse_lead_names(lead_names), record_id)
 
             def parse_and_prepare() -> tuple[Record, Prepared]:
                 record = parse()

@@ -37,6 +37,8 @@ from pydantic import ValidationError
 
 from ecgad.io import read_npy_array
 from ecgad.io import read_record, record_from_array
+from ecgad.formats import SNIFF_BYTES, sniff_bytes
+from ecgad.formats import SUFFIXES as FORMAT_SUFFIXES
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
 from ecgad.plot import plot_ecg, verdict_title
@@ -50,12 +52,17 @@ T = TypeVar("T")
 JSON_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"
 MULTIPART_TYPE = "multipart/form-data"
+#: Content types a single hospital-format file may come as (DICOM, HL7 aECG / MUSE / Philips XML, SCP-ECG, EDF):
+#: the type only says "a file"; which format it is comes from the content (`ecgad.formats.sniff_bytes`).
+FILE_TYPES = frozenset({"application/octet-stream", "application/dicom", "application/xml", "text/xml",
+                        "application/hl7-v3+xml", "application/edf", "application/scp-ecg"})
 
 #: Upload suffixes written to disk for `read_record`; anything else in a multipart body is refused, so a client
 #: cannot make the service write arbitrary files.
-UPLOAD_SUFFIXES = frozenset({".hea", ".dat", ".mat", ".xyz", ".csv", ".npy", ".npz"})
+_FORMAT_SUFFIXES = frozenset(FORMAT_SUFFIXES.values())
+UPLOAD_SUFFIXES = frozenset({".hea", ".dat", ".mat", ".xyz", ".csv", ".npy", ".npz"}) | _FORMAT_SUFFIXES
 #: Files that are a record on their own (WFDB signal files need their ``.hea``).
-_RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz")
+_RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz", *sorted(_FORMAT_SUFFIXES))
 #: Files per multipart body (a WFDB record has a header and one or a few signal files).
 MAX_UPLOAD_FILES = 16
 
@@ -192,10 +199,16 @@ def _pick_record_file(names: Sequence[str]) -> str:
     return candidates[0]
 
 
-def upload_name(filename: str) -> str:
+def upload_name(filename: str, content: bytes = b"") -> str:
     """An upload's file name without any directory part, or a ``bad_file:upload`` rejection if no file system would
-    take it safely (NUL or other control characters, over `MAX_NAME_BYTES` bytes, a hidden or unknown suffix)."""
+    take it safely (NUL or other control characters, over `MAX_NAME_BYTES` bytes, a hidden or unknown suffix).
+
+    A file whose ``content`` is a hospital ECG format is named with that format's suffix whatever it was called
+    (devices and archives export ``.ecg``, ``.bin`` or no suffix at all): the format comes from the content."""
     name = Path(filename.replace("\\", "/")).name
+    fmt = sniff_bytes(content[:SNIFF_BYTES]) if content else None
+    if fmt is not None and Path(name).suffix.lower() != FORMAT_SUFFIXES[fmt] and not name.startswith("."):
+        name = f"{Path(name).stem or 'upload'}{FORMAT_SUFFIXES[fmt]}"
     try:
         too_long = len(name.encode("utf-8")) > MAX_NAME_BYTES
     except UnicodeEncodeError:                  # lone surrogates from a mis-decoded header
@@ -217,7 +230,7 @@ def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
     and are written to a fresh temporary folder that is removed afterwards; `read_record` checks what they declare
     against `LIMITS` before decoding them.
     """
-    named = {upload_name(filename): content for filename, content in files}
+    named = {upload_name(filename, content): content for filename, content in files}
     main = _pick_record_file(list(named))
     with tempfile.TemporaryDirectory(prefix="ecgad-upload-") as tmp:
         for name, content in named.items():
@@ -225,6 +238,17 @@ def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
         record = read_record(Path(tmp) / main, fs=fs, lead_names=lead_names)
     record.metadata.pop("path", None)           # a temporary path means nothing to the client
     return validate(record)
+
+
+def record_from_file_body(body: bytes, fs: float | None, lead_names: Sequence[str] | None,
+                          record_id: str = "") -> Record:
+    """A raw body holding one hospital-format file -> validated `Record`, read as an upload of that file; a body
+    whose content is none of those formats is ``bad_file:unknown_format``."""
+    fmt = sniff_bytes(body[:SNIFF_BYTES])
+    if fmt is None:
+        raise Rejection("bad_file", "unknown_format", "the body is not a DICOM, HL7 aECG, GE MUSE, Philips, "
+                                                      "SCP-ECG or EDF file")
+    return record_from_files([(f"{record_id or 'upload'}{FORMAT_SUFFIXES[fmt]}", body)], fs, lead_names)
 
 
 def parse_map_spec(spec: str) -> int | None:

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 
 from ecgad.io import read_record
-from ecgad.types import LEADS, REJECTION_CODES
+from ecgad.types import LEADS, REJECTION_CODES, Rejection
 from ecgad.validate import validate
 from serve import bodies
 from serve.testing import local_config, local_service, random_checkpoint, token_client
 from tests.corrupt import CORRUPTIONS
+from tests.test_formats import FILES as FORMAT_FILES
 
 pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
 
@@ -100,7 +101,7 @@ def test_probes_model_info_and_docs(service, client):
     assert httpx.get(f"{service}/docs").status_code == 200
     spec = httpx.get(f"{service}/openapi.json").json()
     body_types = spec["paths"]["/v1/score"]["post"]["requestBody"]["content"]
-    assert set(body_types) == {bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE}
+    assert set(body_types) == {bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE, "application/octet-stream"}
     viewer = httpx.get(f"{service}/")
     assert viewer.status_code == 200 and "v1/score/plot" in httpx.get(f"{service}/static/app.js").text
 
@@ -205,6 +206,35 @@ def test_body_level_rejections(client, sample_data):
     no_boundary = client.post("/v1/score", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
     assert no_boundary.json()["detail"]["reason"] == "bad_file:multipart", no_boundary.text
     assert client.post("/v1/score", content=b"a,b", headers={"Content-Type": "text/csv"}).status_code == 415
+
+
+@pytest.mark.parametrize("name", FORMAT_FILES)
+def test_every_hospital_format_scores_as_upload_and_as_raw_body(client, scorer, sample_data, name):
+    """Each file of ``formats/``, as a multipart upload under its own name and as a raw body under none: the
+    in-process answer (score, or the validator's rejection: the EDF sample has flat chest leads)."""
+    path = sample_data / "formats" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    try:
+        expected: float | str = scorer.score_records([validate(read_record(path))], with_maps=False)[0].pred_score
+    except Rejection as rejection:
+        expected = rejection.reason
+    content = path.read_bytes()
+    answers = [client.post("/v1/score?map=none", files=[("files", (path.name, content))]),
+               client.post("/v1/score?map=none", content=content,
+                           headers={"Content-Type": "application/octet-stream"})]
+    for answer in answers:
+        if isinstance(expected, str):
+            assert answer.status_code == 422 and answer.json()["detail"]["reason"] == expected, answer.text
+        else:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["pred_score"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_raw_body_that_is_no_ecg_format_is_refused(client):
+    answer = client.post("/v1/score", content=b"<html>not an ECG</html>" * 10,
+                         headers={"Content-Type": "application/octet-stream"})
+    assert answer.status_code == 422 and answer.json()["detail"]["reason"] == "bad_file:unknown_format"
 
 
 def test_oversize_body_413(client):
