@@ -150,31 +150,39 @@ def test_truncated_copies_are_rejected(formats, tmp_path, name):
     assert _reason(copy) == "truncated"
 
 
-def test_mixed_folder_lists_and_reads_every_file_with_the_right_status(formats, sample_data, tmp_path):
-    """What `jobs.score_archive` and `jobs.preprocess` do per file: list the folder, read, validate."""
+def write_mixed_folder(formats: Path, sample_data: Path, folder: Path) -> dict[str, str]:
+    """A folder of WFDB, CSV, NPY and every hospital format, plus a truncated copy of each hospital file and a
+    non-ECG XML; returns the status each record (by file name, the WFDB one by its header) must get: ``ok`` or its rejection reason (the NPY file
+    carries no rate: ``bad_fs:missing`` unless a default rate is given)."""
     base = sample_data / "ptbxl/records500/06000/06000_hr"
     for suffix in (".hea", ".dat"):
-        shutil.copy(base.with_suffix(suffix), tmp_path)
+        shutil.copy(base.with_suffix(suffix), folder)
     real = read_record(base)
-    np.save(tmp_path / "array.npy", real.signal)
-    np.savetxt(tmp_path / "table.csv", real.signal.T, delimiter=",", header="fs=500\n" + ",".join(LEADS),
+    np.save(folder / "array.npy", real.signal)
+    np.savetxt(folder / "table.csv", real.signal.T, delimiter=",", header="fs=500\n" + ",".join(LEADS),
                comments="# ", fmt="%.6g")
-    expected = {"06000_hr": "ok", "array": "bad_fs:missing", "table": "ok"}
+    expected = {"06000_hr.hea": "ok", "array.npy": "bad_fs:missing", "table.csv": "ok"}
     for name in FILES:
         data = (formats / name).read_bytes()
-        stem = Path(name).name.split(".")[0]
-        (tmp_path / Path(name).name).write_bytes(data)
-        (tmp_path / f"cut_{Path(name).name}").write_bytes(data[: len(data) // 2])
-        expected[stem] = "flat_lead:V1" if name == EDF else "ok"
-        expected[f"cut_{stem}"] = "truncated"
-    (tmp_path / "settings.xml").write_text("<config/>")          # not an ECG: not listed
+        file_name = Path(name).name
+        (folder / file_name).write_bytes(data)
+        (folder / f"cut_{file_name}").write_bytes(data[: len(data) // 2])
+        expected[file_name] = "flat_lead:V1" if name == EDF else "ok"
+        expected[f"cut_{file_name}"] = "truncated"
+    (folder / "settings.xml").write_text("<config/>")          # not an ECG: not listed
+    return expected
+
+
+def test_mixed_folder_lists_and_reads_every_file_with_the_right_status(formats, sample_data, tmp_path):
+    """What `jobs.score_archive` and `jobs.preprocess` do per file: list the folder, read, validate."""
+    expected = write_mixed_folder(formats, sample_data, tmp_path)
     statuses = {}
     for path in list_record_files(tmp_path):
         try:
             validate(read_record(path))
-            statuses[path.name.split(".")[0]] = "ok"
+            statuses[path.name] = "ok"
         except Rejection as rejection:
-            statuses[path.name.split(".")[0]] = rejection.reason
+            statuses[path.name] = rejection.reason
     assert statuses == expected
 
 

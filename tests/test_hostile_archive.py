@@ -31,6 +31,7 @@ from ecgad.synth import generate_ecg
 from ecgad.types import REJECTION_CODES
 from tests.conftest import RAY_TEST_INIT
 from tests.fuzz_corpus import corpus, hospital_seed_files
+from tests.test_formats import write_mixed_folder
 
 pytestmark = pytest.mark.cluster  # starts Ray and job processes (see pyproject.toml's markers)
 
@@ -104,3 +105,20 @@ def test_the_fuzz_corpus_as_an_archive_gets_one_typed_row_per_input(ray_address,
     assert untyped == []
     statuses = pa.array([row["status"] for row in rows]).value_counts().to_pylist()
     assert {entry["values"] for entry in statuses} <= {"ok", "rejected"}
+
+
+def test_a_mixed_format_archive_gets_one_right_row_per_file(ray_address, checkpoint, sample_data, tmp_path):
+    """Issue 14: WFDB, CSV, NPY and every hospital format, each also truncated, scored by the archive job: one row
+    per file, with the status reading and validating it in process gives (the job's ``--fs 500`` fills in the NPY
+    file's rate)."""
+    formats = sample_data / "formats"
+    if not formats.is_dir():
+        pytest.skip(f"no hospital-format sample files at {formats}")
+    root = tmp_path / "mixed"
+    root.mkdir()
+    expected = write_mixed_folder(formats, sample_data, root)
+    expected["array.npy"] = "ok"
+    _score_archive(ray_address, root, checkpoint, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    got = {Path(row["path"]).name: "ok" if row["status"] == "ok" else row["reason"] for row in rows}
+    assert len(rows) == len(expected) and got == expected
