@@ -20,6 +20,7 @@ from ecgad.checkpoint import (MODELS_DIR, POINTER, CheckpointError, load_checkpo
                               resolve_checkpoint)
 from ecgad.cli import main as cli_main
 from ecgad.synth import generate_ecg
+from ecgad.synth_dataset import write_dataset
 from serve.app import run_local
 from serve.testing import free_port, local_config, random_checkpoint
 
@@ -101,6 +102,24 @@ def versions(tmp_path_factory):
     a = publish_checkpoint(random_checkpoint(tmp / "a", seed=0), run)
     b = publish_checkpoint(random_checkpoint(tmp / "b", seed=1), run)
     return run, a, b
+
+
+@pytest.mark.cluster
+def test_batch_jobs_resolve_best_once_and_report_the_version(ray_session, versions, tmp_path):
+    from jobs.evaluate import main as evaluate
+    from jobs.score_archive import main as score_archive
+
+    run, _, b = versions
+    data = write_dataset(tmp_path / "synth", 8, seed=3, anomaly_fraction=0.5)
+    assert evaluate(["--checkpoint", str(run / POINTER), "--data", str(data), "--out", str(tmp_path / "eval"),
+                     "--mode", "fast", "--plots", "0", "--n-boot", "10"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (evaluated["model_version"], evaluated["checkpoint"]) == (b.model_version, str(b.path))
+
+    assert score_archive(["--input", str(data), "--checkpoint", str(run / POINTER), "--out", str(tmp_path / "out"),
+                          "--mode", "fast"]) == 0
+    archived = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (archived["model_version"], archived["checkpoint"]) == (b.model_version, str(b.path))
 
 
 def _post_until(url: str, body: bytes, stop: threading.Event, answers: list[tuple[int, str | None]]) -> None:
