@@ -188,9 +188,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ecgad.checkpoint import resolve_checkpoint
-    from serve.app import run_local
+    from serve.app import UnsafeBind, run_local
 
-    run_local(resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, config=args.config, blocking=True)
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
+    try:
+        run_local(resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, config=args.config,
+                  blocking=True, behind_auth_proxy=args.behind_auth_proxy, allowed_hosts=hosts)
+    except UnsafeBind as err:
+        raise CLIError(str(err)) from None
     return 0
 
 
@@ -261,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", default=None, help="a serve config YAML (default: serve/config.yaml)")
+    p.add_argument("--behind-auth-proxy", action="store_true",
+                   help="serve a non-loopback --host without ECGAD_API_TOKEN: an authenticating proxy is in front")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names the service answers (default: loopback names and --host)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("score-archive", add_help=False,

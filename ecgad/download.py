@@ -8,7 +8,10 @@ corrupt ``.part`` cannot poison the retry), then raises `DownloadError` naming t
 only, so no new dependency.
 
 The release's ``SHA256SUMS.txt`` lists ``<sha256> <path relative to the release root>`` per line; it is the trust
-anchor, fetched once and kept (it cannot verify itself).
+anchor, fetched once and kept (it cannot verify itself). Because the names to fetch come from the remote side (the
+release's database lists them, the sums file vouches for them) and a checksum from the same source proves nothing
+about a name, every name is checked to stay inside the output folder before anything is written (`local_path`),
+and the transfer is HTTPS only (plain HTTP only to this machine's loopback address: a local mirror, the tests).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from urllib.request import Request, urlopen
 
 from tqdm import tqdm
@@ -39,6 +42,8 @@ FILENAME_COLUMN = {500: "filename_hr", 100: "filename_lr"}
 ATTEMPTS = 2
 TIMEOUT_S = 60.0
 _CHUNK = 1 << 16
+#: Hosts plain ``http://`` may be used with: this machine only.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class DownloadError(RuntimeError):
@@ -53,6 +58,29 @@ def parse_sums(text: str) -> dict[str, str]:
         if len(parts) == 2 and len(parts[0]) == 64:
             sums[parts[1].lstrip("*").strip()] = parts[0].lower()
     return sums
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is ``https://`` (or ``http://`` to a loopback host), else `DownloadError`: a download over plain
+    HTTP can be rewritten by anyone on the path, checksums included, since they come from the same server."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
+        return url
+    raise DownloadError(f"refusing {url!r}: downloads are https only (plain http only to a loopback address)")
+
+
+def local_path(root: Path, rel: str) -> Path:
+    """Where the release-relative name ``rel`` (from the remote listing) is written under ``root``; `DownloadError`
+    for a name that could land elsewhere or is not a plain relative path: absolute, ``..`` or empty components,
+    backslashes (a Windows separator), NUL or other control characters."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or any(ord(c) < 32 for c in rel)
+            or any(part in ("", ".", "..") for part in parts) or ":" in parts[0]):
+        raise DownloadError(f"refusing the listed name {rel!r}: not a plain path inside the output folder")
+    dest = root / rel
+    if not dest.resolve().is_relative_to(root.resolve()):     # a symlinked folder inside root pointing out
+        raise DownloadError(f"refusing the listed name {rel!r}: it resolves outside {root}")
+    return dest
 
 
 def record_files(database_csv: str | Path, rate: int, limit: int | None = None) -> list[str]:
@@ -72,7 +100,7 @@ class _Fetcher:
 
     def __init__(self, root: Path, base_url: str) -> None:
         self.root = root
-        self.base_url = base_url.rstrip("/") + "/"
+        self.base_url = check_url(base_url.rstrip("/") + "/")
         self.sums: dict[str, str] = {}
 
     def url(self, rel: str) -> str:
@@ -80,10 +108,10 @@ class _Fetcher:
 
     def fetch(self, rel: str) -> bool:
         """Make ``root/rel`` a verified copy; True if it had to be downloaded, False if it already matched."""
+        dest = local_path(self.root, rel)
         expected = self.sums.get(rel)
         if expected is None:
             raise DownloadError(f"{rel} is not listed in {SUMS_FILE}; cannot verify it")
-        dest = self.root / rel
         if dest.is_file() and _sha256(dest) == expected:
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -114,13 +142,19 @@ class _Fetcher:
         ranged request, which stays an ``HTTPError`` so `transfer` can start over."""
         request = Request(self.url(rel), headers={"Range": f"bytes={offset}-"} if offset else {})
         try:
-            return urlopen(request, timeout=TIMEOUT_S)
+            response = urlopen(request, timeout=TIMEOUT_S)
         except HTTPError as exc:
             if exc.code == 416 and offset:
                 raise
             raise DownloadError(f"HTTP {exc.code} {exc.reason}") from exc
         except URLError as exc:
             raise DownloadError(f"cannot reach {self.url(rel)}: {exc.reason}") from exc
+        try:
+            check_url(response.geturl())        # urllib follows redirects, https -> http included
+        except DownloadError:
+            response.close()
+            raise
+        return response
 
     def transfer(self, rel: str, part: Path) -> None:
         """Download into ``part``, resuming from its current size with a Range request where it exists."""

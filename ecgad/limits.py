@@ -14,6 +14,7 @@ Defaults (override per process with the environment variables named in `InputLim
 - ``max_channels`` 64: room for 12 leads plus Frank leads, pacing and auxiliary channels that some devices store.
 - ``max_decoded_mb`` 64: the raw samples as float64 (the widest type a reader produces), e.g. 16 channels x 300 s
   x 1 kHz x 8 bytes = 38 MB; a record within the duration and channel limits at a plausible rate fits.
+- ``max_compression_ratio`` 100: how many times a compressed member (of an NPZ) may inflate.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class InputLimits:
     max_seconds: float = 300.0
     max_channels: int = 64
     max_decoded_mb: float = 64.0
+    max_compression_ratio: float = 100.0
 
     @property
     def max_decoded_bytes(self) -> int:
@@ -36,11 +38,14 @@ class InputLimits:
 
     @classmethod
     def from_env(cls) -> "InputLimits":
-        """The defaults, overridden by ``ECGAD_MAX_SECONDS``, ``ECGAD_MAX_CHANNELS`` and ``ECGAD_MAX_DECODED_MB``."""
+        """The defaults, overridden by ``ECGAD_MAX_SECONDS``, ``ECGAD_MAX_CHANNELS``, ``ECGAD_MAX_DECODED_MB`` and
+        ``ECGAD_MAX_COMPRESSION_RATIO``."""
         default = cls()
         return cls(max_seconds=float(os.environ.get("ECGAD_MAX_SECONDS", default.max_seconds)),
                    max_channels=int(os.environ.get("ECGAD_MAX_CHANNELS", default.max_channels)),
-                   max_decoded_mb=float(os.environ.get("ECGAD_MAX_DECODED_MB", default.max_decoded_mb)))
+                   max_decoded_mb=float(os.environ.get("ECGAD_MAX_DECODED_MB", default.max_decoded_mb)),
+                   max_compression_ratio=float(os.environ.get("ECGAD_MAX_COMPRESSION_RATIO",
+                                                              default.max_compression_ratio)))
 
     def check_channels(self, channels: int) -> None:
         if channels > self.max_channels:
@@ -50,6 +55,14 @@ class InputLimits:
         """Refuse ``n_bytes`` of decoded data (an array, a decompressed member) above ``max_decoded_bytes``."""
         if n_bytes > self.max_decoded_bytes:
             raise Rejection("too_large", f"{what}:{n_bytes // 2**20}MiB>{self.max_decoded_mb:g}MiB")
+
+    def check_compression(self, n_bytes: int, compressed_bytes: int, what: str) -> None:
+        """Refuse a compressed member inflating more than ``max_compression_ratio`` times (a zip bomb's ratio is
+        ~1000; ECG samples deflate a few times at most), bounding the time spent inflating as well as the memory."""
+        if n_bytes > self.max_compression_ratio * max(compressed_bytes, 1):
+            raise Rejection("too_large", f"compression_ratio:{what}",
+                            f"{what} inflates {n_bytes / max(compressed_bytes, 1):.0f} times, more than the limit "
+                            f"of {self.max_compression_ratio:g}")
 
     def check_duration(self, samples: int, fs: float | None) -> None:
         """Refuse a record of ``samples`` at ``fs`` Hz lasting longer than ``max_seconds`` (no check without a rate:

@@ -4,7 +4,11 @@ Layout: the standard 3x4 print (rows I/aVR/V1/V4, II/aVL/V2/V5, III/aVF/V3/V6; e
 quarter of the first 10 s) plus a lead-II rhythm strip over the whole record, on ECG paper: 25 mm/s and 10 mm/mV, so
 one 1 mm minor square is 0.04 s x 0.1 mV and a 5 mm major square 0.2 s x 0.5 mV, pink, with a 1 mV calibration
 pulse at the start of each row. Keeping the real paper scale lets a cardiologist read amplitudes and intervals
-off the picture as from a printout.
+off the picture as from a printout. Because the scale is fixed, the width grows with the duration (about an inch a
+second); ``max_seconds`` cuts the rhythm strip there, so a server can bound the picture whatever the record's length.
+
+Text is drawn literally: a title holds a record id chosen by whoever sent the record, and matplotlib would parse
+``$...$`` in it as math (an error, or unbounded work, on a crafted id), so math-text parsing is off for every label.
 
 The anomaly map (``(leads, samples)``, higher = more anomalous) is drawn as a heat band behind each trace, scaled
 to the map's maximum over the record, so the eye goes to where the model could not restore the signal.
@@ -79,12 +83,14 @@ def _draw_segment(ax, t: np.ndarray, trace: np.ndarray, baseline: float, heat: n
 
 
 def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = None, title: str = "",
-             out: str | Path | None = None, lead_names: tuple[str, ...] = LEADS) -> Figure:
+             out: str | Path | None = None, lead_names: tuple[str, ...] = LEADS,
+             max_seconds: float | None = None) -> Figure:
     """Draw a 12-lead ECG (``(12, n)`` in mV at ``fs`` Hz, leads in ``lead_names`` order) in the clinical layout.
 
     ``anomaly_map``: ``(12, n)`` on the same time axis, drawn as a heat band; ``title``: put the score, label and
-    threshold here (`verdict_title`). ``out``: write the figure there (atomically), PNG or SVG by its suffix.
-    Returns the ``Figure``.
+    threshold here (`verdict_title`), drawn literally (no math text). ``out``: write the figure there (atomically),
+    PNG or SVG by its suffix. ``max_seconds``: draw only the first that many seconds (at least the 10 s print; the
+    footer says what was cut), which bounds the figure's width. Returns the ``Figure``.
     """
     signal = np.asarray(signal, dtype=np.float32)
     if signal.ndim != 2 or signal.shape[0] != len(lead_names) or signal.shape[1] < 2:
@@ -100,6 +106,11 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     if out is not None and suffix not in (".png", ".svg"):
         raise ValueError(f"plot output must end in .png or .svg, got {out}")
 
+    full_duration = signal.shape[1] / float(fs)
+    if max_seconds is not None and full_duration > max(max_seconds, PRINT_SECONDS):
+        keep = int(round(max(max_seconds, PRINT_SECONDS) * fs))
+        signal = signal[:, :keep]
+        anomaly_map = anomaly_map[:, :keep] if anomaly_map is not None else None
     n = signal.shape[1]
     duration = n / float(fs)
     print_s = min(PRINT_SECONDS, duration)
@@ -131,7 +142,8 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
             lead = index[name]
             heat = anomaly_map[lead, start:stop] if anomaly_map is not None else None
             _draw_segment(ax, np.arange(start, stop) / fs, centred[lead, start:stop], baseline, heat, vmax)
-            ax.text(col * seg_s + 0.05, baseline + 0.9, name, fontsize=9, fontweight="bold", zorder=4)
+            ax.text(col * seg_s + 0.05, baseline + 0.9, name, fontsize=9, fontweight="bold", zorder=4,
+                    parse_math=False)
             if col:
                 ax.vlines(col * seg_s, baseline - 0.3, baseline + 0.3, colors=TRACE_COLOR, linewidths=1.0, zorder=3)
 
@@ -142,9 +154,10 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     ax.set_xlim(t0, t1)
     ax.set_ylim(y0, y1)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.text(t1, y0 - 0.2, f"{PAPER_SPEED_MM_S:g} mm/s  {GAIN_MM_MV:g} mm/mV  {fs:g} Hz", fontsize=7, ha="right",
-            va="top")
+    ax.set_title(title, fontsize=10, loc="left", parse_math=False)
+    cut = f"  (first {duration:g} s of {full_duration:g} s)" if duration < full_duration else ""
+    ax.text(t1, y0 - 0.2, f"{PAPER_SPEED_MM_S:g} mm/s  {GAIN_MM_MV:g} mm/mV  {fs:g} Hz{cut}", fontsize=7,
+            ha="right", va="top", parse_math=False)
     if out is not None:
         with atomic_file(out) as fh:
             fig.savefig(fh, format=suffix[1:], dpi=150)

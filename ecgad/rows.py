@@ -149,5 +149,11 @@ def prepare_path(path: str, record_id: str, cfg: PrepConfig = PrepConfig(),
         prepared.record_id = record_id
         row = prepared_to_row(prepared)
     except Exception as exc:  # fault isolation: one file never fails its task
-        row = {**rejection_to_row(record_id, Rejection("bad_file")), **failure_fields(exc)}
+        return status_row(path, record_id, failure_fields(exc))
     return {**row, "path": str(path)}
+
+
+def status_row(path: str | Path, record_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """The row of an input that yields no prepared record: no payload, ``fields`` (``status``, ``reason``: from
+    `failure_fields`, or for a record whose preparation killed its worker, from `ecgad.ray.data`) and its path."""
+    return {**rejection_to_row(record_id, Rejection("bad_file")), **fields, "path": str(path)}

@@ -10,11 +10,17 @@ with ``@serve.batch``. The model replica never parses a byte or filters a signal
 batch and a GPU replica is not left waiting on CPU work. Both read the preparation settings from the same
 checkpoint, so online preparation is the one the model was trained with.
 
-Safety, in the order a request meets it: the proxy's ``request_timeout_s`` (408) and queue limit (503); the bearer
-token (401, when ``ECGAD_API_TOKEN`` is set in the replica's environment); the body-size limit (413, from
-``Content-Length`` and again while reading); the body format (415); the typed rejection of `ecgad.io` and
-`ecgad.validate` (422, ``{"detail": {"reason", "code", "message"}}``); the model's queue limit (503, raised here by
-the deployment handle and answered like the proxy's); a model replica dying mid-request (503, Serve replaces it).
+Safety, in the order a request meets it: the proxy's ``request_timeout_s`` (408) and queue limit (503); the trusted
+``Host`` names (400) and, for browsers, the same-site check on ``/v1`` POSTs (403; `serve.guard`); the bearer token
+(401, when ``ECGAD_API_TOKEN`` is set in the replica's environment); the body format (415); a work slot of the
+replica (503 when all stay busy; `serve.work`); the body-size limit (413, from ``Content-Length`` and again while
+reading); the typed rejection of `ecgad.io`, `ecgad.limits` and `ecgad.validate` (422, ``{"detail": {"reason",
+"code", "message"}}``; any other error reading a body becomes one too); the model's queue limit (503, raised here by
+the deployment handle and answered like the proxy's); a model failure on one record (422 ``scoring_failed`` for that
+record alone: the model scores a batch, and on failure each record alone); a model replica dying mid-request (503,
+Serve replaces it). What is answered is bounded as well: maps of long records are downsampled, plots cut
+(`serve.bodies`). `run_local` refuses to serve a non-loopback address without a token unless told that an
+authenticating proxy is in front.
 
 Deploy with ``serve deploy serve/config.yaml`` (the checkpoint path in its ``args``) or, locally, with
 `run_local` (``ecgad serve --checkpoint DIR``), which deploys that same config.
@@ -23,6 +29,7 @@ Deploy with ``serve deploy serve/config.yaml`` (the checkpoint path in its ``arg
 import asyncio
 import functools
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -54,10 +61,13 @@ from ecgad import __version__
 from ecgad.config import PrepConfig
 from ecgad.log import get_logger
 from ecgad.preprocess import prepare
+from ecgad.scoring import score_isolated
 from ecgad.synth import generate_ecg
 from ecgad.types import Prepared, Record, Rejection, Scores
 from serve import bodies
-from serve.schemas import ModelInfo, RejectionBody, ScoreRequest, ScoreResponse
+from serve.guard import LOOPBACK_HOSTS, GuardPolicy, RequestGuard, install
+from serve.schemas import SCORING_FAILED, ModelInfo, ReadyBody, RejectionBody, ScoreRequest, ScoreResponse
+from serve.work import Busy, WorkSlots
 
 logger = get_logger(__name__)
 
@@ -101,6 +111,20 @@ class AppArgs(BaseModel):
         description="torch threads of a model replica on CPU; default: what Ray gives it (its num_cpus, rounded "
                     "down, at least 1). The model is the costly part of a request: on a CPU-only host give it the "
                     "cores the ingress leaves idle")
+    allowed_hosts: list[str] = Field(
+        default=list(LOOPBACK_HOSTS),
+        description="Host header names the service answers (DNS-rebinding defence); '*' for any, '*.example.org' "
+                    "for a domain. Default: loopback names only")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to POST to /v1 from another site")
+    work_slots: int = Field(
+        default=2, ge=1, le=64,
+        description="heavy requests (body reading and preparation, plotting, map rendering) running at once per "
+                    "ingress replica")
+    work_wait_s: float = Field(default=2.0, ge=0, le=60,
+                               description="how long a request waits for a work slot before its 503")
+    ready_ttl_s: float = Field(default=5.0, gt=0, le=300,
+                               description="how long /readyz answers from its last model probe")
 
 
 # --------------------------------------------------------------------------------------------- model deployment
@@ -138,20 +162,28 @@ class ECGModel:
         self.score.set_max_batch_size(self._batching.max_batch_size)
         self.score.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
 
-    def _score_now(self, prepared: list[Prepared], with_maps: bool) -> list[Scores]:
+    def _score_now(self, prepared: list[Prepared], with_maps: bool) -> list[Scores | Exception]:
+        """Scores, or in its place the exception of a record the model failed on (`ecgad.scoring.score_isolated`:
+        the batch in one call, and only if that fails each record alone)."""
         with self._lock:
-            return self.scorer.score_prepared(prepared, with_maps=with_maps)
+            outcomes = score_isolated(self.scorer, prepared, with_maps=with_maps)
+        return [_portable(outcome, record.record_id) for outcome, record in zip(outcomes, prepared)]
 
     @serve.batch(max_batch_size=BatchConfig().max_batch_size,
                  batch_wait_timeout_s=BatchConfig().batch_wait_timeout_s)
-    async def score(self, prepared: list[Prepared], with_maps: list[bool]) -> list[tuple[Scores, str]]:
+    async def score(self, prepared: list[Prepared],
+                    with_maps: list[bool]) -> list[tuple[Scores | Exception, str]]:
         """Score the records of concurrent requests in one batch (maps for all if any request wants one: a batch
-        is one pass over the model) and tag each result with the model version that produced it."""
+        is one pass over the model) and tag each result with the model version that produced it. A record the
+        model fails on gets its exception as its result (returned, not raised: raising would fail every request
+        of the batch), which the ingress answers for that request alone."""
         results = await asyncio.to_thread(self._score_now, prepared, any(with_maps))
         return [(result, self.scorer.model_version) for result in results]
 
     def _probe(self) -> None:
         (result,) = self._score_now([self._canned], with_maps=True)
+        if isinstance(result, Exception):
+            raise RuntimeError(f"the model cannot score the canned ECG: {result}")
         if not math.isfinite(result.pred_score) or not np.isfinite(result.anomaly_map).all():
             raise RuntimeError(f"the model scores the canned ECG as {result.pred_score}")
 
@@ -181,6 +213,19 @@ class ECGModel:
         }
 
 
+class ScoringFailed(Exception):
+    """The model failed on this record (not on its batch neighbours): answered 422 ``scoring_failed``."""
+
+
+def _portable(outcome: Scores | Exception, record_id: str) -> Scores | Exception:
+    """A model outcome fit to cross to the ingress: scores and `Rejection` as they are, any other exception as a
+    `ScoringFailed` naming only its type (logged here with its traceback; the client learns nothing internal)."""
+    if isinstance(outcome, (Scores, Rejection)):
+        return outcome
+    logger.error("the model failed on record %r", record_id, exc_info=outcome)
+    return ScoringFailed(type(outcome).__name__)
+
+
 # ----------------------------------------------------------------------------------------------------- ingress
 
 app = FastAPI(
@@ -192,6 +237,7 @@ app = FastAPI(
                 "Records that cannot be scored get 422 with a typed reason.",
 )
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+app.add_middleware(RequestGuard)   # before serve.ingress copies the app; its policy comes from the replica's args
 
 _bearer = HTTPBearer(auto_error=False, description=f"required when the service has {TOKEN_ENV} set")
 
@@ -233,16 +279,25 @@ async def _unsupported(request: Request, exc: bodies.UnsupportedMediaType) -> JS
     return JSONResponse({"detail": str(exc)}, status_code=415)
 
 
+@app.exception_handler(ScoringFailed)
+async def _scoring_failed(request: Request, exc: ScoringFailed) -> JSONResponse:
+    return JSONResponse(bodies.error_body(f"{SCORING_FAILED}:{exc}", SCORING_FAILED,
+                                          "the model could not score this record"), status_code=422)
+
+
 @app.exception_handler(ServiceUnavailable)
-async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+@app.exception_handler(Busy)
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-_ERRORS = {400: {"description": "malformed query parameters or headers (e.g. map=half)"},
+_ERRORS = {400: {"description": "malformed query parameters or headers (e.g. map=half), or a Host not allowed"},
+           403: {"description": "a browser's cross-site POST from an origin not allowed"},
            413: {"description": "body larger than the configured limit"},
            415: {"description": "not JSON, application/x-npy or multipart/form-data"},
            422: {"model": RejectionBody, "description": "the ECG cannot be scored; `reason` says why"},
-           503: {"description": "overloaded or a model replica is being replaced; retry after Retry-After"}}
+           503: {"description": "overloaded (the queues, or every work slot of the replica, are full) or a model "
+                                "replica is being replaced; retry after Retry-After"}}
 _AUTH = {401: {"description": f"bearer token missing or wrong (only when {TOKEN_ENV} is set)"}}
 
 #: The three body formats, for the OpenAPI docs (the handler reads the raw body itself; see serve.bodies).
@@ -257,8 +312,10 @@ _SCORE_BODY = {"requestBody": {"required": True, "content": {
                        "if the file has none)"}}}},
 }}}
 
-_MapQuery = Query("full", alias="map", pattern=bodies.MAP_SPEC_PATTERN,
-                  description="none, full, or downsample=N (block maximum over N input samples)")
+_MapQuery = Query("auto", alias="map", pattern=bodies.MAP_SPEC_PATTERN,
+                  description=f"auto (full resolution up to {bodies.AUTO_MAP_COLUMNS} samples, downsampled "
+                              f"beyond), none, full, or downsample=N (block maximum over N input samples); no map "
+                              f"is wider than {bodies.MAX_MAP_COLUMNS} columns")
 _FsQuery = Query(None, description="sampling rate (Hz) for NPY bodies and files without one")
 _LeadsQuery = Query(None, description="comma-separated lead names for NPY bodies and header-less files")
 _IdQuery = Query("", max_length=200, description="record id echoed back (NPY bodies)")
@@ -287,44 +344,55 @@ async def _multipart_files(request: Request, body: bytes) -> list[tuple[str, byt
 class ECGIngress:
     """HTTP front: schemas, limits, parsing and validation, plots; holds a handle to `ECGModel`."""
 
-    def __init__(self, model: DeploymentHandle, checkpoint: str, max_body_mb: float = 32.0) -> None:
+    def __init__(self, model: DeploymentHandle, args: AppArgs) -> None:
+        install(GuardPolicy(tuple(args.allowed_hosts), tuple(args.allowed_origins)))
         self.model = model
-        self.max_body_bytes = int(max_body_mb * 2**20)
-        self.prep_config = checkpoint_prep_config(checkpoint)
+        self.max_body_bytes = int(args.max_body_mb * 2**20)
+        self.prep_config = checkpoint_prep_config(args.checkpoint)
         self.canned = prepare(canned_record(), self.prep_config)
+        self.work = WorkSlots(args.work_slots, args.work_wait_s)
+        self.ready_ttl_s = args.ready_ttl_s
+        self._readiness: tuple[float, int, dict[str, Any]] | None = None   # (monotonic time, status, body)
+        self._readiness_lock = asyncio.Lock()
 
     async def _prepare(self, request: Request, fs: str | None, lead_names: str | None,
                        record_id: str) -> tuple[Record, Prepared]:
         """Read the body (size-limited), then parse, validate and prepare it in a worker thread, so the event loop
-        keeps serving other requests meanwhile."""
+        keeps serving other requests meanwhile; all of it in one work slot, so a burst of large bodies waits (or
+        gets 503) instead of being held in memory at once."""
         kind = bodies.media_type(request.headers.get("content-type"))
         if kind not in (bodies.JSON_TYPE, bodies.NPY_TYPE, bodies.MULTIPART_TYPE):
             raise bodies.UnsupportedMediaType(f"unsupported Content-Type {kind!r}; send {bodies.JSON_TYPE}, "
                                               f"{bodies.NPY_TYPE} or {bodies.MULTIPART_TYPE}")
-        body = await bodies.read_limited(request.headers.get("content-length"), request.stream(),
-                                         self.max_body_bytes)
-        if kind == bodies.JSON_TYPE:
-            parse = functools.partial(bodies.record_from_json, body)
-        elif kind == bodies.NPY_TYPE:
-            parse = functools.partial(bodies.record_from_npy, body, bodies.parse_fs(fs),
-                                      bodies.parse_lead_names(lead_names), record_id)
-        else:
-            parse = functools.partial(bodies.record_from_files, await _multipart_files(request, body),
-                                      bodies.parse_fs(fs), bodies.parse_lead_names(lead_names))
+        async with self.work.taken() as slot:
+            body = await bodies.read_limited(request.headers.get("content-length"), request.stream(),
+                                             self.max_body_bytes)
+            if kind == bodies.JSON_TYPE:
+                parse = functools.partial(bodies.record_from_json, body)
+            elif kind == bodies.NPY_TYPE:
+                parse = functools.partial(bodies.record_from_npy, body, bodies.parse_fs(fs),
+                                          bodies.parse_lead_names(lead_names), record_id)
+            else:
+                parse = functools.partial(bodies.record_from_files, await _multipart_files(request, body),
+                                          bodies.parse_fs(fs), bodies.parse_lead_names(lead_names))
 
-        def parse_and_prepare() -> tuple[Record, Prepared]:
-            record = parse()
-            return record, prepare(record, self.prep_config)
+            def parse_and_prepare() -> tuple[Record, Prepared]:
+                record = parse()
+                return record, prepare(record, self.prep_config)
 
-        return await asyncio.to_thread(parse_and_prepare)
+            return await slot.offload(functools.partial(bodies.typed_errors, parse_and_prepare))
 
     async def _score(self, prepared: Prepared, with_map: bool) -> tuple[Scores, str]:
+        """The model's scores of one record; its `Rejection` or `ScoringFailed` is raised for this request only."""
         try:
-            return await self.model.score.remote(prepared, with_map)
+            outcome, model_version = await self.model.score.remote(prepared, with_map)
         except BackPressureError as err:
             raise ServiceUnavailable(f"the model is at capacity: {err}") from None
         except (RayActorError, DeploymentUnavailableError) as err:
             raise ServiceUnavailable(f"the model replica is unavailable: {type(err).__name__}") from None
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome, model_version
 
     @app.post("/v1/score", summary="Score one ECG", dependencies=[Depends(require_token)],
               responses={200: {"model": ScoreResponse}, **_AUTH, **_ERRORS}, openapi_extra=_SCORE_BODY)
@@ -334,7 +402,7 @@ class ECGIngress:
         step = bodies.parse_map_spec(map_spec)
         _, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
         scores, model_version = await self._score(prepared, with_map=step is not None)
-        text = await asyncio.to_thread(lambda: json.dumps(bodies.score_body(scores, model_version, step)))
+        text = await self.work.run(lambda: json.dumps(bodies.score_body(scores, model_version, step)))
         return Response(text, media_type=bodies.JSON_TYPE)
 
     @app.post("/v1/score/plot", summary="Score one ECG and plot it with its anomaly map",
@@ -347,7 +415,7 @@ class ECGIngress:
                          x_ecg_leads: str | None = _LeadsHeader) -> Response:
         record, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
         scores, model_version = await self._score(prepared, with_map=True)
-        png = await asyncio.to_thread(bodies.plot_png, record, scores)
+        png = await self.work.run(functools.partial(bodies.plot_png, record, scores))
         return Response(png, media_type="image/png", headers={
             "X-ECG-Score": repr(float(scores.pred_score)),
             "X-ECG-Label": "anomalous" if scores.pred_label else "normal",
@@ -368,14 +436,25 @@ class ECGIngress:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: a model replica is loaded and scores the canned ECG",
-             responses={503: {"description": "no model replica can score now"}})
+             responses={200: {"model": ReadyBody}, 503: {"description": "no model replica can score now"}})
     async def readyz(self) -> JSONResponse:
+        """The last probe's answer while it is younger than ``ready_ttl_s``, else a new probe (one at a time: the
+        callers of a burst share it). Probes are unauthenticated, so they must not cost a model pass each."""
+        async with self._readiness_lock:
+            if self._readiness is None or time.monotonic() - self._readiness[0] > self.ready_ttl_s:
+                self._readiness = (time.monotonic(), *await self._probe())
+            _, status, body = self._readiness
+        return JSONResponse(body, status_code=status)
+
+    async def _probe(self) -> tuple[int, dict[str, Any]]:
+        """Score the canned ECG once: the status and body of a readiness answer, stamped with the time."""
+        checked_at = time.time()
         try:
             scores, model_version = await self._score(self.canned, with_map=False)
-        except ServiceUnavailable as err:
-            return JSONResponse({"status": "unavailable", "detail": str(err)}, status_code=503)
-        return JSONResponse({"status": "ready", "model_version": model_version,
-                             "canned_score": float(scores.pred_score)})
+        except (ServiceUnavailable, ScoringFailed, Rejection) as err:
+            return 503, {"status": "unavailable", "detail": str(err), "checked_at": checked_at}
+        return 200, {"status": "ready", "model_version": model_version, "canned_score": float(scores.pred_score),
+                     "checked_at": checked_at}
 
     @app.get("/", include_in_schema=False)
     async def viewer(self) -> FileResponse:
@@ -400,8 +479,7 @@ def bind_app(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     options = options or {}
     model = ECGModel.options(**options.get(ECGModel.name, {})).bind(
         checkpoint=args.checkpoint, mode=args.mode, device=args.device, cpu_threads=args.cpu_threads)
-    return ECGIngress.options(**options.get(ECGIngress.name, {})).bind(
-        model, checkpoint=args.checkpoint, max_body_mb=args.max_body_mb)
+    return ECGIngress.options(**options.get(ECGIngress.name, {})).bind(model, args)
 
 
 def build_app(args: AppArgs) -> serve.Application:
@@ -412,17 +490,65 @@ def build_app(args: AppArgs) -> serve.Application:
 
 # --------------------------------------------------------------------------------------------------- local run
 
+class UnsafeBind(ValueError):
+    """Asked to serve a non-loopback address with no token, without being told that an authenticating proxy is in
+    front: anything that can reach the port could score, so `run_local` refuses."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address, IPv6 with or without brackets) is reachable from this machine
+    only. Names other than ``localhost`` count as not: what they resolve to can change."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _token_configured(application: dict[str, Any]) -> bool:
+    """Whether the config gives the application's ingress a token (the application's or the ingress's
+    ``runtime_env``), or this process has one that the local replicas inherit."""
+    ingress = [d for d in application.get("deployments", []) if d.get("name") == ECGIngress.name]
+    envs = [application.get("runtime_env") or {},
+            *(((d.get("ray_actor_options") or {}).get("runtime_env") or {}) for d in ingress)]
+    return bool(os.environ.get(TOKEN_ENV)) or any((env.get("env_vars") or {}).get(TOKEN_ENV) for env in envs)
+
+
+def check_exposure(data: dict[str, Any], behind_auth_proxy: bool = False) -> None:
+    """Raise `UnsafeBind` where the config binds a non-loopback address and an application has no token, unless
+    ``behind_auth_proxy`` says that a proxy in front authenticates every request."""
+    host = str(data.get("http_options", {}).get("host", "127.0.0.1"))
+    if is_loopback(host) or behind_auth_proxy:
+        return
+    open_apps = [a.get("name", "?") for a in data["applications"] if not _token_configured(a)]
+    if open_apps:
+        raise UnsafeBind(f"refusing to serve {host} without a token ({', '.join(open_apps)}): set {TOKEN_ENV} in "
+                         f"the environment or the config's runtime_env, or, if an authenticating reverse proxy is "
+                         f"in front, say so (--behind-auth-proxy)")
+
+
 def load_config(config: str | Path | dict[str, Any] | None, checkpoint: str | Path, host: str,
-                port: int) -> dict[str, Any]:
+                port: int, allowed_hosts: list[str] | None = None) -> dict[str, Any]:
     """A Serve deploy config (a YAML path, an already-loaded dict, or the default ``serve/config.yaml``) with the
-    checkpoint, host and port filled in; the input is not modified."""
+    checkpoint, host and port filled in; the input is not modified.
+
+    ``allowed_hosts`` replaces the applications' trusted Host names; without it, an application that names none
+    answers the loopback names and, when ``host`` is a specific non-loopback address, that address (the name
+    clients use for it must be added by the operator)."""
     if isinstance(config, dict):
         data = deepcopy(config)
     else:
         data = yaml.safe_load(Path(config or DEFAULT_CONFIG).read_text())
     data.setdefault("http_options", {}).update(host=host, port=int(port))
+    bound = [] if is_loopback(host) or host in ("0.0.0.0", "::") else [host]
     for application in data["applications"]:
-        application.setdefault("args", {})["checkpoint"] = str(Path(checkpoint).resolve())
+        args = application.setdefault("args", {})
+        args["checkpoint"] = str(Path(checkpoint).resolve())
+        if allowed_hosts is not None:
+            args["allowed_hosts"] = list(allowed_hosts)
+        elif bound and "allowed_hosts" not in args:
+            args["allowed_hosts"] = [*LOOPBACK_HOSTS, *bound]
     return data
 
 
@@ -498,7 +624,8 @@ def _deploy(applications: list[ServeApplicationSchema], timeout_s: float) -> Non
 
 def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
               config: str | Path | dict[str, Any] | None = None, blocking: bool = True,
-              timeout_s: float = 300.0) -> str:
+              timeout_s: float = 300.0, behind_auth_proxy: bool = False,
+              allowed_hosts: list[str] | None = None) -> str:
     """Deploy the service from a Serve config through Serve's public Python API; returns its base URL.
 
     It deploys what ``serve deploy`` of that config deploys: the HTTP options and proxy location (``serve.start``),
@@ -511,10 +638,14 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     Where Ray is not initialized yet, it starts a new local Ray instance, or connects to the cluster ``RAY_ADDRESS``
     names, but never silently joins whatever cluster another process on the machine last started (``ray.init()``'s
     default). ``blocking`` serves until Ctrl-C; Ctrl-C, also during deployment, shuts Serve down.
+
+    Safe by default: a non-loopback ``host`` needs a token (`check_exposure`) unless ``behind_auth_proxy``; the
+    trusted Host names are the loopback ones (plus ``host``) unless ``allowed_hosts`` or the config says otherwise.
     """
     import ray
 
-    data = load_config(config, checkpoint, host, port)
+    data = load_config(config, checkpoint, host, port, allowed_hosts)
+    check_exposure(data, behind_auth_proxy)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     _fit_gpus(data, ray.cluster_resources().get("GPU", 0))

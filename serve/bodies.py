@@ -12,6 +12,13 @@ read exactly as it is read offline:
   as query parameters or ``X-ECG-FS`` / ``X-ECG-Leads`` headers. No text to parse: the cheapest format;
 - ``multipart/form-data``: the files of one record, a WFDB ``.hea`` with its signal files (``.dat``, ``.mat``), or
   one ``.csv`` / ``.npy`` file, written to a private temporary folder and read with `ecgad.io.read_record`.
+
+Every body is hostile until shown otherwise: sizes are checked against `ecgad.limits.LIMITS` (the limits the CLI and
+the batch jobs use, checked by the same `ecgad.io` code) from what the body declares, before anything is allocated
+(an NPY header's shape, an upload's headers; a JSON signal's shape once parsed, within the body-size limit); every
+parser error, deep JSON's `RecursionError` included, becomes a typed `Rejection`; upload names
+that no file system takes (NUL, control characters, over 255 bytes) are refused before they reach one. What goes
+back is bounded too: a long record's map is downsampled (`map_step`) and its plot cut (`PLOT_MAX_SECONDS`).
 """
 
 from __future__ import annotations
@@ -21,18 +28,24 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
+from ecgad.io import _read_npy_array as read_npy_array
 from ecgad.io import read_record, record_from_array
+from ecgad.limits import LIMITS
+from ecgad.log import get_logger
 from ecgad.plot import plot_ecg, verdict_title
 from ecgad.types import Record, Rejection, Scores
 from ecgad.validate import validate
 from serve.schemas import ScoreRequest
+
+logger = get_logger(__name__)
+T = TypeVar("T")
 
 JSON_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"
@@ -46,8 +59,21 @@ _RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz")
 #: Files per multipart body (a WFDB record has a header and one or a few signal files).
 MAX_UPLOAD_FILES = 16
 
-_MAP_SPEC = re.compile(r"^(none|full|downsample=([1-9][0-9]{0,5}))$")
+#: The longest upload name most file systems accept, in bytes.
+MAX_NAME_BYTES = 255
+
+_MAP_SPEC = re.compile(r"^(auto|none|full|downsample=([1-9][0-9]{0,5}))$")
 MAP_SPEC_PATTERN = _MAP_SPEC.pattern
+#: ``map=auto`` (the default) answers the full-resolution map up to this many columns (a 60 s record at 1 kHz) and
+#: downsamples longer records to fit; ``map=full`` asks for full resolution whatever the length.
+AUTO_MAP_COLUMNS = 60_000
+#: No answer carries a map wider than this, ``map=full`` included (12 x 150,000 floats are ~20 MB of JSON: a
+#: 300 s record at 500 Hz); a wider one is downsampled to fit and the answer's ``warnings`` say so.
+MAX_MAP_COLUMNS = 150_000
+#: ``map=auto``, as `parse_map_spec` returns it.
+AUTO_MAP = 0
+#: ``/v1/score/plot`` draws at most this many seconds: at the paper's 25 mm/s the width grows with the duration.
+PLOT_MAX_SECONDS = 60.0
 
 
 class BodyTooLarge(Exception):
@@ -100,10 +126,14 @@ def _json_rejection(err: ValidationError) -> Rejection:
 
 
 def record_from_json(body: bytes) -> Record:
-    """A `ScoreRequest` body -> validated `Record`; the signal goes to numpy, the rest through the schema."""
+    """A `ScoreRequest` body -> validated `Record`; the signal goes to numpy, the rest through the schema.
+
+    `ecgad.io.record_from_array` checks the signal's shape against `LIMITS` (what ``json`` and numpy decode before
+    that is bounded by the body-size limit); JSON nested
+    deeper than the parser's recursion limit is a ``bad_file`` rejection like any other malformed body."""
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise Rejection("bad_file", "json", f"the body is not valid JSON: {err}") from None
     if not isinstance(payload, dict):
         raise Rejection("bad_file", "json", "the body must be a JSON object with signal, fs and lead_names")
@@ -114,8 +144,7 @@ def record_from_json(body: bytes) -> Record:
         envelope = ScoreRequest.model_validate({**payload, "signal": []})
     except ValidationError as err:
         raise _json_rejection(err) from None
-    record = record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id)
-    return validate(record)
+    return validate(record_from_array(signal, envelope.fs, envelope.lead_names, record_id=envelope.record_id))
 
 
 def parse_fs(value: str | None) -> float | None:
@@ -136,9 +165,15 @@ def parse_lead_names(value: str | None) -> tuple[str, ...] | None:
 
 
 def record_from_npy(body: bytes, fs: float | None, lead_names: Sequence[str] | None, record_id: str = "") -> Record:
-    """An ``.npy`` body (never pickles) -> validated `Record`."""
+    """An ``.npy`` body (never pickles) -> validated `Record`, read as the NPY reader reads a file: the header's
+    shape is checked against `LIMITS` and the body's length before anything is allocated (a 1 KiB body may declare
+    a (12, 10^12) array)."""
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+        array = read_npy_array(io.BytesIO(body), len(body), "body", "signal", LIMITS)
+    except Rejection as rejection:
+        if rejection.code != "bad_file":
+            raise
+        raise Rejection("bad_file", "npy", f"the body is not an .npy array: {rejection.message}") from None
     except (ValueError, OSError, EOFError) as err:
         raise Rejection("bad_file", "npy", f"the body is not an .npy array: {err}") from None
     if fs is None:
@@ -157,20 +192,32 @@ def _pick_record_file(names: Sequence[str]) -> str:
     return candidates[0]
 
 
+def upload_name(filename: str) -> str:
+    """An upload's file name without any directory part, or a ``bad_file:upload`` rejection if no file system would
+    take it safely (NUL or other control characters, over `MAX_NAME_BYTES` bytes, a hidden or unknown suffix)."""
+    name = Path(filename.replace("\\", "/")).name
+    try:
+        too_long = len(name.encode("utf-8")) > MAX_NAME_BYTES
+    except UnicodeEncodeError:                  # lone surrogates from a mis-decoded header
+        too_long = True
+    if too_long or not name.isprintable():
+        raise Rejection("bad_file", "upload", f"upload names must be printable and at most {MAX_NAME_BYTES} bytes, "
+                                              f"got {ascii(filename[:80])}")
+    if not name or name.startswith(".") or Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
+        raise Rejection("bad_file", "upload", f"unsupported upload {filename!r}; accepted: "
+                                              + " ".join(sorted(UPLOAD_SUFFIXES)))
+    return name
+
+
 def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
                       lead_names: Sequence[str] | None) -> Record:
     """Uploaded ``(filename, content)`` pairs of one record -> validated `Record`.
 
-    The files keep their names (a WFDB header names its signal files) but lose any directory part, and are written
-    to a fresh temporary folder that is removed afterwards.
+    The files keep their names (a WFDB header names its signal files) but lose any directory part (`upload_name`),
+    and are written to a fresh temporary folder that is removed afterwards; `read_record` checks what they declare
+    against `LIMITS` before decoding them.
     """
-    named: dict[str, bytes] = {}
-    for filename, content in files:
-        name = Path(filename.replace("\\", "/")).name
-        if not name or name.startswith(".") or Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
-            raise Rejection("bad_file", "upload", f"unsupported upload {filename!r}; accepted: "
-                                                  + " ".join(sorted(UPLOAD_SUFFIXES)))
-        named[name] = content
+    named = {upload_name(filename): content for filename, content in files}
     main = _pick_record_file(list(named))
     with tempfile.TemporaryDirectory(prefix="ecgad-upload-") as tmp:
         for name, content in named.items():
@@ -181,13 +228,22 @@ def record_from_files(files: Sequence[tuple[str, bytes]], fs: float | None,
 
 
 def parse_map_spec(spec: str) -> int | None:
-    """``none`` -> None (no map), ``full`` -> 1, ``downsample=N`` -> N (input samples per map column)."""
+    """``none`` -> None (no map), ``auto`` -> `AUTO_MAP`, ``full`` -> 1, ``downsample=N`` -> N (input samples per
+    map column)."""
     match = _MAP_SPEC.match(spec)
     if match is None:
-        raise ValueError(f"map must be none, full or downsample=N, got {spec!r}")
-    if match.group(1) == "none":
-        return None
+        raise ValueError(f"map must be auto, none, full or downsample=N, got {spec!r}")
+    if match.group(1) in ("none", "auto"):
+        return None if match.group(1) == "none" else AUTO_MAP
     return int(match.group(2)) if match.group(2) else 1
+
+
+def bounded_map_step(step: int, n_columns: int) -> int:
+    """The step a map of ``n_columns`` is answered with: ``map=auto`` keeps full resolution up to `AUTO_MAP_COLUMNS`
+    and downsamples beyond; any step is raised where needed so that no answer is wider than `MAX_MAP_COLUMNS`."""
+    if step == AUTO_MAP:
+        step = max(1, math.ceil(n_columns / AUTO_MAP_COLUMNS))
+    return max(step, math.ceil(n_columns / MAX_MAP_COLUMNS))
 
 
 def shape_map(anomaly_map: np.ndarray, step: int) -> np.ndarray:
@@ -206,10 +262,17 @@ def _finite(x: float) -> float | None:
 
 
 def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str, Any]:
-    """The `serve.schemas.ScoreResponse` of one record, as a dict ready for ``json.dumps``."""
+    """The `serve.schemas.ScoreResponse` of one record, as a dict ready for ``json.dumps``; ``step`` as
+    `parse_map_spec` gives it, bounded here (`bounded_map_step`)."""
     anomaly_map = None
+    warnings = list(scores.warnings)
     if step is not None and scores.anomaly_map is not None:
-        anomaly_map = shape_map(np.asarray(scores.anomaly_map, dtype=np.float32), step).tolist()
+        full_map = np.asarray(scores.anomaly_map, dtype=np.float32)
+        asked, step = step, bounded_map_step(step, full_map.shape[1])
+        if asked not in (AUTO_MAP, step):
+            warnings.append(f"map downsampled to every {step} samples: {full_map.shape[1]} columns exceed the "
+                            f"limit of {MAX_MAP_COLUMNS}")
+        anomaly_map = shape_map(full_map, step).tolist()
     return {
         "record_id": scores.record_id,
         "pred_score": float(scores.pred_score),
@@ -220,20 +283,43 @@ def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str
         "r_peaks": [int(r) for r in scores.r_peaks],
         "beats_used": int(scores.beats_used),
         "windows_scored": int(scores.windows_scored),
-        "warnings": list(scores.warnings),
+        "warnings": warnings,
         "model_version": model_version,
     }
 
 
 def plot_png(record: Record, scores: Scores, dpi: int = 100) -> bytes:
-    """The clinical 12-lead plot of ``record`` with its anomaly map and verdict, as PNG bytes."""
+    """The clinical 12-lead plot of ``record`` with its anomaly map and verdict, as PNG bytes (at most the first
+    `PLOT_MAX_SECONDS`, so its size is bounded whatever the duration)."""
     figure = plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map,
-                      title=verdict_title(record.record_id or "ECG", scores), lead_names=record.lead_names)
+                      title=verdict_title(record.record_id or "ECG", scores), lead_names=record.lead_names,
+                      max_seconds=PLOT_MAX_SECONDS)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 
+def error_body(reason: str, code: str, message: str) -> dict[str, Any]:
+    """A 422 body (`serve.schemas.RejectionBody`)."""
+    return {"detail": {"reason": reason, "code": code, "message": message}}
+
+
 def rejection_body(rejection: Rejection) -> dict[str, Any]:
-    """The 422 body (`serve.schemas.RejectionBody`)."""
-    return {"detail": {"reason": rejection.reason, "code": rejection.code, "message": rejection.message}}
+    """The 422 body of a `Rejection`."""
+    return error_body(rejection.reason, rejection.code, rejection.message)
+
+
+def typed_errors(fn: Callable[[], T]) -> T:
+    """``fn()`` (reading a body, preparing its record), with any exception that is not already a `Rejection` turned
+    into one: input nobody foresaw must get a typed 422, not a 500. A `MemoryError` is ``too_large``; anything else
+    is ``bad_file:unreadable`` for the client (its type only) and a logged traceback here (a reader to fix)."""
+    try:
+        return fn()
+    except Rejection:
+        raise
+    except MemoryError:
+        raise Rejection("too_large", "memory", "the record needs more memory than the service gives one request") \
+            from None
+    except Exception as err:
+        logger.exception("reading a request body raised %s", type(err).__name__)
+        raise Rejection("bad_file", "unreadable", f"the body could not be read ({type(err).__name__})") from None

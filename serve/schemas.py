@@ -34,7 +34,9 @@ class ScoreResponse(BaseModel):
     threshold: float | None = Field(description="decision threshold from the checkpoint; null if never calibrated")
     anomaly_map: list[list[float]] | None = Field(
         description="(12, samples) anomaly map on the input's own time axis, leads in standard order; with "
-                    "map=downsample=N each column is the maximum over N input samples; null with map=none")
+                    "map=downsample=N each column is the maximum over N input samples; long records are "
+                    "downsampled by map=auto (the default), and no map is wider than the service's limit; null "
+                    "with map=none")
     map_step: int | None = Field(description="input samples per anomaly_map column (1 = full resolution)")
     r_peaks: list[int] = Field(description="R-peak positions used for the beats")
     beats_used: int
@@ -44,9 +46,14 @@ class ScoreResponse(BaseModel):
                                            "of weights, configs and threshold[:12]>")
 
 
+#: The 422 code of a record the model failed on (its batch neighbours are scored as usual).
+SCORING_FAILED = "scoring_failed"
+
+
 class RejectionDetail(BaseModel):
     reason: str = Field(description="code or code:detail, e.g. flat_lead:V3")
-    code: str = Field(description="one of: " + ", ".join(REJECTION_CODES))
+    code: str = Field(description="one of: " + ", ".join(REJECTION_CODES) + f"; or {SCORING_FAILED} (the model "
+                                  "failed on this record)")
     message: str
 
 
@@ -69,3 +76,12 @@ class ModelInfo(BaseModel):
     prep_config: dict
     metadata: dict
     batching: dict = Field(description="max_batch_size and batch_wait_timeout_s of the model deployment")
+
+
+class ReadyBody(BaseModel):
+    """``/readyz``: answered from the last probe of the model while it is younger than the app's ``ready_ttl_s``."""
+
+    status: str = Field(description="ready, or unavailable (with status 503)")
+    model_version: str
+    canned_score: float = Field(description="the score of the canned synthetic ECG the probe sends")
+    checked_at: float = Field(description="when the probe ran (Unix time)")

@@ -66,6 +66,15 @@ def local_config(*, args: dict[str, Any] | None = None, ingress: dict[str, Any] 
 
 
 @contextmanager
+def token_client(url: str, token: str, timeout_s: float = 60) -> Iterator["httpx.Client"]:
+    """An HTTP client of the service at ``url`` that sends ``token`` as its bearer token."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client
+
+
+@contextmanager
 def local_service(checkpoint: str | Path, config: dict[str, Any]) -> Iterator[str]:
     """The application deployed by `run_local` on a free loopback port (its base URL); Serve is shut down after."""
     from ray import serve

@@ -239,7 +239,7 @@ def test_unexpected_exception_in_a_record_becomes_an_error_row(monkeypatch, samp
     assert (row["status"], row["reason"], row["path"]) == ("error", "KeyError: 'boom'", "x.hea")
 
 
-def test_a_record_that_breaks_the_model_costs_only_itself(checkpoint, sample_data):
+def test_a_record_that_breaks_the_model_costs_only_itself(ray_session, checkpoint, sample_data):
     paths = [str(sample_data / f"ptbxl/records500/06000/{i}_hr.hea") for i in ("06000", "06002", "06004")]
     batch = pa.table({"chunk": ["c"], "paths": [paths], "record_ids": [["a", "bad", "c"]]})
     prepared = table_from_ipc(prepare_chunks(batch, PrepConfig(), None).column("prepared")[0])

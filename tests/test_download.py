@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ecgad.download import SUMS_FILE, DownloadError, download_ptbxl, parse_sums
+from ecgad.download import SUMS_FILE, DownloadError, check_url, download_ptbxl, local_path, parse_sums
 
 FIRST_FIVE = ("00001", "00003", "00004", "00005", "00006")     # the first rows of the sample ptbxl_database.csv
 EXPECTED = {SUMS_FILE, "ptbxl_database.csv", "scp_statements.csv", "LICENSE.txt",
@@ -161,3 +162,53 @@ def test_parse_sums_reads_physionet_and_sha256sum_lines() -> None:
     digest = "ab" * 32
     text = f"{digest} records500/00000/00001_hr.dat\n{digest.upper()} *LICENSE.txt\n\nnot a line\n"
     assert parse_sums(text) == {"records500/00000/00001_hr.dat": digest, "LICENSE.txt": digest}
+
+
+# -- hostile listings (issue 13: names from the remote side are checked before anything is written) ------------------
+
+@pytest.mark.parametrize("name", ["../../x.hea", "../x", "/etc/passwd", "records100/../../x", "a\\b.hea",
+                                  "a\x00b.hea", "a//b.hea", "./a", "", "C:/x", "records100/\nx"])
+def test_a_listed_name_outside_the_output_folder_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DownloadError, match="refusing the listed name"):
+        local_path(tmp_path, name)
+    assert local_path(tmp_path, "records100/00000/00001_lr.hea") == tmp_path / "records100/00000/00001_lr.hea"
+
+
+def test_a_listed_name_through_a_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "records100").symlink_to(tmp_path)
+    with pytest.raises(DownloadError, match="resolves outside"):
+        local_path(tmp_path / "out", "records100/x.hea")
+
+
+def test_a_download_whose_listing_climbs_out_writes_nothing_outside(physionet: Server, tmp_path: Path) -> None:
+    """The database names a record ``../escaped`` and the sums file vouches for it (the server resolves the URL to
+    a file it holds): the download must stop before writing ``out/../escaped.hea``."""
+    payload = b"not what you wanted\n"
+    (physionet.root / "escaped.hea").write_bytes(payload)
+    database = physionet.root / "ptbxl_database.csv"
+    with open(database, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["filename_lr"] = "../escaped"
+    with open(database, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    digest = hashlib.sha256(payload).hexdigest()
+    sums = [line for line in (physionet.root / SUMS_FILE).read_text().splitlines() if "ptbxl_database" not in line]
+    sums += [f"{hashlib.sha256(database.read_bytes()).hexdigest()} ptbxl_database.csv", f"{digest} ../escaped.hea"]
+    (physionet.root / SUMS_FILE).write_text("\n".join(sums) + "\n")
+
+    with pytest.raises(DownloadError, match=r"refusing the listed name '\.\./escaped\.(hea|dat)'"):
+        _download(physionet, tmp_path / "out")
+    assert not (tmp_path / "escaped.hea").exists()
+
+
+@pytest.mark.parametrize("url", ["http://physionet.org/files/ptb-xl/1.0.3/", "ftp://example.org/x/",
+                                 "file:///etc/", "http://10.0.0.1/x/"])
+def test_only_https_or_loopback_http_is_used(tmp_path: Path, url: str) -> None:
+    with pytest.raises(DownloadError, match="https only"):
+        download_ptbxl(tmp_path, base_url=url, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert check_url("https://physionet.org/files/") == "https://physionet.org/files/"
+    assert check_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000/"

@@ -23,7 +23,7 @@ from ecgad.io import read_record
 from ecgad.types import LEADS, REJECTION_CODES
 from ecgad.validate import validate
 from serve import bodies
-from serve.testing import local_config, local_service, random_checkpoint
+from serve.testing import local_config, local_service, random_checkpoint, token_client
 from tests.corrupt import CORRUPTIONS
 
 pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
@@ -57,7 +57,7 @@ def service(ray_session, checkpoint):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with httpx.Client(base_url=service, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with token_client(service, TOKEN) as c:
         yield c
 
 

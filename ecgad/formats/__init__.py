@@ -15,11 +15,15 @@ from pathlib import Path
 
 from ecgad.formats.common import Decoded
 from ecgad.formats.safe_xml import root_name
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.types import Rejection
 
 #: Format name -> module of this package holding its ``read(path) -> Decoded``.
 READERS: dict[str, str] = {"dicom": "dicom", "hl7_aecg": "hl7_aecg", "ge_muse": "muse", "philips": "philips",
                            "scp_ecg": "scp", "edf": "edf"}
+
+#: Formats whose reader takes the limits: their headers declare channel and sample counts.
+_DECLARING = frozenset({"dicom", "edf", "scp_ecg"})
 
 #: XML root element -> format.
 _XML_ROOTS: dict[str, str] = {"AnnotatedECG": "hl7_aecg", "RestingECG": "ge_muse", "restingecgdata": "philips"}
@@ -68,10 +72,12 @@ def is_hospital_ecg_file(path: Path) -> bool:
     return suffix in _BINARY_SUFFIXES or (suffix == ".xml" and sniff_format(path) is not None)
 
 
-def decode(path: Path, fmt: str) -> Decoded:
-    """Run the reader of ``fmt`` (from `sniff_format`) on ``path``; raises only `Rejection`."""
+def decode(path: Path, fmt: str, limits: InputLimits = LIMITS) -> Decoded:
+    """Run the reader of ``fmt`` (from `sniff_format`) on ``path``; raises only `Rejection`. Readers whose format
+    declares its sizes (DICOM, EDF, SCP-ECG) check them against ``limits`` before decoding; the XML formats are
+    bounded by the file's size, which `ecgad.io` checks first."""
     module = importlib.import_module(f"ecgad.formats.{READERS[fmt]}")
-    decoded = module.read(path)
+    decoded = module.read(path, limits) if fmt in _DECLARING else module.read(path)
     if decoded.signal.ndim != 2 or decoded.signal.shape[1] == 0:
         raise Rejection("bad_file", "no_samples", f"{path.name} holds no samples")
     return decoded

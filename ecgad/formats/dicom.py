@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only, unit_to_mv
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.types import Rejection
 
 #: SOP classes holding ECG waveforms.
@@ -34,14 +35,14 @@ _LEAD_CODE = re.compile(r"^(?:5\.6\.3-9-|2:)(\d+)$")
 _MEDIAN_LABELS = ("MEDIAN", "REPRESENTATIVE", "AVERAGE")
 
 
-def read(path: Path) -> Decoded:
+def read(path: Path, limits: InputLimits = LIMITS) -> Decoded:
     import pydicom
     from pydicom.errors import BytesLengthException, InvalidDicomError
 
     try:
         with warnings.catch_warnings():        # invalid UIDs and similar value warnings: the waveform is intact
             warnings.simplefilter("ignore")
-            return _decode(pydicom.dcmread(path), path)
+            return _decode(pydicom.dcmread(path), path, limits)
     except (EOFError, OSError) as exc:         # pydicom's "No tag to read at file position": data ends early
         raise Rejection("truncated", "", f"{path.name}: DICOM data ends before its elements do: {exc}") from None
     except NotImplementedError as exc:         # an unknown value representation, mu-law / A-law samples
@@ -51,7 +52,7 @@ def read(path: Path) -> Decoded:
         raise Rejection("bad_file", "dicom", f"{path.name}: malformed DICOM: {exc}") from None
 
 
-def _decode(dataset, path: Path) -> Decoded:
+def _decode(dataset, path: Path, limits: InputLimits) -> Decoded:
     """The rhythm group of a parsed dataset. pydicom converts elements when they are first accessed, so anything
     here may raise what `read` maps to a rejection."""
     from pydicom.waveforms.numpy_handler import multiplex_array
@@ -70,6 +71,8 @@ def _decode(dataset, path: Path) -> Decoded:
     declared = int(group.NumberOfWaveformChannels) * int(group.NumberOfWaveformSamples) \
         * int(group.WaveformBitsAllocated) // 8
     check_declared_bytes(len(group.WaveformData), declared, path.name)
+    limits.check_declared(int(group.NumberOfWaveformChannels), int(group.NumberOfWaveformSamples),
+                          float(group.SamplingFrequency))
     signal = multiplex_array(dataset, index, as_raw=False).T.astype(np.float64)
     padding = group.get("WaveformPaddingValue")
     if padding is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgad.formats.common import Decoded, check_declared_bytes, unit_to_mv
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.leads import canonical_lead_name
 from ecgad.types import Rejection
 
@@ -23,10 +24,10 @@ _ECG_PREFIX = re.compile(r"^\s*(ecg|ekg)[\s_-]*", re.IGNORECASE)
 _EEG_NAMES = re.compile(r"^c[1-6]$", re.IGNORECASE)
 
 
-def read(path: Path) -> Decoded:
+def read(path: Path, limits: InputLimits = LIMITS) -> Decoded:
     import edfio
 
-    _check_declared_size(path)
+    _check_declared_size(path, limits)
     try:
         edf = edfio.read_edf(path)
         labelled = [(signal, _ecg_lead(signal.label)) for signal in edf.signals]
@@ -59,8 +60,9 @@ def _ecg_lead(label: str) -> str | None:
         return None
 
 
-def _check_declared_size(path: Path) -> None:
-    """``truncated`` when the file is shorter than its header declares (EDF stores 2-byte samples); EDF+D refused."""
+def _check_declared_size(path: Path, limits: InputLimits) -> None:
+    """``truncated`` when the file is shorter than its header declares (EDF stores 2-byte samples); EDF+D refused;
+    the declared channels and samples checked against ``limits``."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         fixed = file.read(256)
@@ -73,6 +75,7 @@ def _check_declared_size(path: Path) -> None:
         if fixed[192:197] == b"EDF+D":         # records with gaps between them: no single time axis
             raise Rejection("bad_file", "edf_discontinuous", f"{path.name}: EDF+D (discontinuous) is not supported")
         check_declared_bytes(size, header_bytes, path.name)
+        limits.check_channels(n_signals)
         file.seek(256 + n_signals * 216)
         try:
             per_record = sum(int(file.read(8)) for _ in range(n_signals))
@@ -80,3 +83,4 @@ def _check_declared_size(path: Path) -> None:
             raise Rejection("bad_file", "edf", f"{path.name}: non-numeric samples per record") from None
     if records >= 0:                           # -1: unknown while recording
         check_declared_bytes(size, header_bytes + records * per_record * 2, path.name)
+        limits.check_bytes(records * per_record * 8)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgad.formats.common import Decoded, check_declared_bytes, median_beat_only, stack_leads, unit_to_mv
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.types import Rejection
 
 #: The most samples per lead decoded. Section 3 declares each lead's sample range and the decoder allocates it
@@ -30,7 +31,7 @@ _SECTION_HEADER = 16
 _DECODER_ERRORS = (ValueError, IndexError, KeyError, TypeError, struct.error, OverflowError, EOFError)
 
 
-def read(path: Path) -> Decoded:
+def read(path: Path, limits: InputLimits = LIMITS) -> Decoded:
     from ecgdatakit import ECGDataKitError
     from ecgdatakit.parsing.parsers.scp_ecg import SCPECGParser
 
@@ -38,7 +39,7 @@ def read(path: Path) -> Decoded:
     if len(data) < 6:
         raise Rejection("truncated", "", f"{path.name}: {len(data)} bytes, no SCP record header")
     check_declared_bytes(len(data), struct.unpack_from("<I", data, 2)[0], path.name)
-    _check_lead_sample_counts(data, path)
+    _check_lead_sample_counts(data, path, limits)
     try:
         with warnings.catch_warnings():        # checksum and section warnings: the CRC check is ours below
             warnings.simplefilter("ignore")
@@ -60,8 +61,9 @@ def read(path: Path) -> Decoded:
     return decoded
 
 
-def _check_lead_sample_counts(data: bytes, path: Path) -> None:
-    """``too_large`` if section 3 declares more samples per lead than can be decoded (`MAX_SAMPLES_PER_LEAD`).
+def _check_lead_sample_counts(data: bytes, path: Path, limits: InputLimits) -> None:
+    """``too_large`` if section 3 declares more samples per lead than can be decoded (`MAX_SAMPLES_PER_LEAD`),
+    or more leads or samples than ``limits`` allow.
 
     Section 0 (after the 6-byte record header) lists ``(id u16, length u32, 1-based offset u32)`` per section after
     its 16-byte section header; section 3 holds the lead count, a flag byte, then ``(start u32, end u32, id u8)``
@@ -74,10 +76,12 @@ def _check_lead_sample_counts(data: bytes, path: Path) -> None:
         if section != 3 or not length or index < 1:
             continue
         body = data[index - 1 + _SECTION_HEADER: index - 1 + length]
+        limits.check_channels(body[0] if body else 0)
         for lead in range(body[0] if body else 0):
             if 2 + 9 * lead + 8 > len(body):
                 return
             start, end = struct.unpack_from("<II", body, 2 + 9 * lead)
+            limits.check_bytes(body[0] * (end - start + 1) * 8)
             if end - start + 1 > limit:
                 raise Rejection("too_large", "", f"{path.name}: lead {lead + 1} declares {end - start + 1} samples, "
                                                  f"more than {limit} can be decoded from this file")

@@ -7,10 +7,17 @@ Two forms of the input, for two kinds of job:
   for preprocessing, which writes one shard row per record;
 - **chunk rows** (`list_chunks`, `chunks_dataset`, `prepare_chunks`): one row per chunk of records, for scoring
   (`ecgad.ray.scoring`), whose writer must hold whole chunks (`ecgad.results`).
+
+Both prepare their records through `prepare_isolated`: a record whose preparation kills its worker process (the
+memory monitor or the kernel's OOM killer, a crash in a native library) gets a finite number of tries and then an
+``error`` row with reason ``worker_died``, instead of Ray Data's default of retrying the task forever (which kept a
+chunk from ever committing, and a rerun from getting past it).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,12 @@ from ray.data.expressions import col
 
 from ecgad.config import PrepConfig
 from ecgad.inputs import chunk_rows, entries, listing_sources, source_chunks
+from ecgad.log import get_logger
 from ecgad.results import PREPARED_CHUNK_SCHEMA, table_to_ipc
-from ecgad.rows import prepare_path
+from ecgad.rows import prepare_path, status_row
 from ecgad.shards import ShardLayout, conform, rows_table
+
+log = get_logger(__name__)
 
 #: Records per prepare task where no unit of resumption sets it (preprocessing's blocks, evaluation's chunks):
 #: enough to amortize a task's start (~ms) over the ~50 ms each record takes to prepare, few enough that a small data
@@ -44,6 +54,61 @@ def prepare_memory(records: int) -> int:
     return PREPARE_BASE_MEMORY + PREPARE_MEMORY_PER_RECORD * records
 
 
+# -- preparation that survives a record killing its worker ---------------------------------------------------------
+
+#: Tries of one record alone, once its batch's task died: the second absorbs a death caused by a neighbour's memory.
+RECORD_ATTEMPTS = 2
+
+#: What `ray.get` raises for a task whose worker process died (as opposed to a Python exception in it).
+_WORKER_DEATHS = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
+
+#: Test hook: a prepare worker exits (``os._exit``) on the file with this name, as a worker killed by the memory
+#: monitor or a native crash does. A real kill cannot be provoked reliably on a test machine (Ray's memory monitor
+#: acts on the node's memory, not a task's reservation), so tests/test_hostile_archive.py sets this variable.
+KILL_ON_FILE_ENV = "ECGAD_TEST_KILL_PREPARE_ON"
+
+
+@ray.remote(num_cpus=1)
+def _prepare_task(batch: list[tuple[str, str]], cfg: PrepConfig, default_fs: float | None) -> list[dict[str, Any]]:
+    rows = []
+    for path, record_id in batch:
+        if os.environ.get(KILL_ON_FILE_ENV) == Path(path).name:
+            os._exit(1)
+        rows.append(prepare_path(path, record_id, cfg, default_fs))
+    return rows
+
+
+def prepare_isolated(batch: Sequence[tuple[str, str]], cfg: PrepConfig,
+                     default_fs: float | None = None) -> list[dict[str, Any]]:
+    """``(path, record_id)`` pairs -> one row each (`ecgad.rows.prepare_path`), even if a record kills its worker.
+
+    The batch is prepared in one child task, tried once. If its worker dies, each record is prepared alone in its
+    own task, up to `RECORD_ATTEMPTS` times; a record whose worker still dies gets an ``error`` row with reason
+    ``worker_died``, and the others their rows. Called from a ``map_batches`` task, which only waits (Ray lends its
+    CPU to the children meanwhile), so that task itself never dies of a record and is never retried.
+    """
+    batch = list(batch)
+    whole = _prepare_task.options(memory=prepare_memory(len(batch)), max_retries=0)
+    try:
+        return ray.get(whole.remote(batch, cfg, default_fs))
+    except _WORKER_DEATHS as death:
+        log.warning(f"a prepare worker died ({type(death).__name__}) on a batch of {len(batch)} records; "
+                    "preparing them one by one")
+    alone = _prepare_task.options(memory=prepare_memory(1), max_retries=RECORD_ATTEMPTS - 1)
+    pending = [alone.remote([entry], cfg, default_fs) for entry in batch]
+    rows = []
+    for (path, record_id), ref in zip(batch, pending):
+        try:
+            rows += ray.get(ref)
+        except _WORKER_DEATHS as death:
+            log.warning(f"record {record_id!r} killed its worker {RECORD_ATTEMPTS} times; recorded as an error")
+            rows.append(status_row(path, record_id, {
+                "status": "error",
+                "reason": f"worker_died: the process preparing it died {RECORD_ATTEMPTS} times "
+                          f"({type(death).__name__}: killed for memory, or crashed)"}))
+    return rows
+
+
 # -- record rows (preprocessing) -----------------------------------------------------------------------------------
 
 def inputs_dataset(inputs: pa.Table, rows_per_block: int = RECORDS_PER_TASK) -> Dataset:
@@ -57,8 +122,7 @@ def prepare_shard_rows(batch: pa.Table, cfg: PrepConfig = PrepConfig()) -> pa.Ta
     """``map_batches`` (``batch_format="pyarrow"``): input rows -> one prepared or status row each
     (`ecgad.rows.prepare_path`), with the inputs' index columns, in exactly the shard columns
     (`ecgad.shards.SHARD_SCHEMA`)."""
-    return conform(rows_table([prepare_path(path, record_id, cfg) for path, record_id in entries(batch)],
-                              extra=batch))
+    return conform(rows_table(prepare_isolated(list(entries(batch)), cfg), extra=batch))
 
 
 # -- chunk rows (scoring) ------------------------------------------------------------------------------------------
@@ -79,7 +143,7 @@ def chunks_dataset(inputs: pa.Table, chunk_size: int) -> Dataset:
 def prepare_chunks(batch: pa.Table, cfg: PrepConfig, default_fs: float | None) -> pa.Table:
     """``map_batches`` (``batch_format="pyarrow"``): chunk rows -> prepared chunk rows, each chunk's records
     (`ecgad.rows.prepare_path`, one row per input, never raising) as one nested table."""
-    prepared = [table_to_ipc(rows_table([prepare_path(p, r, cfg, default_fs) for p, r in zip(paths, record_ids)]))
+    prepared = [table_to_ipc(rows_table(prepare_isolated(list(zip(paths, record_ids)), cfg, default_fs)))
                 for paths, record_ids in zip(batch.column("paths").to_pylist(), batch.column("record_ids").to_pylist())]
     return pa.table({"chunk": batch.column("chunk"), "prepared": pa.array(prepared, pa.large_binary())},
                     schema=PREPARED_CHUNK_SCHEMA)
