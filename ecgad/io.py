@@ -202,6 +202,7 @@ def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | 
     if isinstance(header, wfdb.MultiRecord):
         raise Rejection("bad_file", "multi_segment", "multi-segment WFDB records are not supported")
     rate = _resolve_fs(_header_fs(header_path), fs)
+    _check_signal_count(header)
     limits.check_channels(header.n_sig)
     values_per_sample = sum(spf or 1 for spf in header.samps_per_frame or [])
     if header.sig_len:                        # what the header declares is refused before the files are looked at
@@ -239,6 +240,14 @@ def _header_fs(header_path: Path) -> float | None:
         raise Rejection("bad_fs", "non_numeric", f"header rate {rate!r} is not a number") from None
 
 
+def _check_signal_count(header: wfdb.Record) -> None:
+    if not header.n_sig:
+        raise Rejection("bad_file", "no_signals", "the header declares no signals")
+    if header.n_sig != len(header.file_name):  # wfdb parses the signal lines present, whatever the record line says
+        raise Rejection("header_mismatch", "channels",
+                        f"the record line declares {header.n_sig} signals, the signal lines {len(header.file_name)}")
+
+
 def _check_wfdb_size(sig_len: int, values_per_sample: int, rate: float, limits: InputLimits) -> None:
     """The limits for ``sig_len`` samples of ``values_per_sample`` values each (the channels' samples per frame)."""
     limits.check_bytes(sig_len * values_per_sample * 8)
@@ -251,11 +260,6 @@ def _check_signal_files(directory: Path, header: wfdb.Record) -> int:
     Returns the record's length in samples: the header's ``sig_len``, or without one what ``wfdb`` will infer from
     the first signal file's size.
     """
-    if not header.n_sig:
-        raise Rejection("bad_file", "no_signals", "the header declares no signals")
-    if header.n_sig != len(header.file_name):  # wfdb parses the signal lines present, whatever the record line says
-        raise Rejection("header_mismatch", "channels",
-                        f"the record line declares {header.n_sig} signals, the signal lines {len(header.file_name)}")
     files: dict[str, tuple[str, int, int]] = {}    # file -> (format, samples per frame, byte offset)
     for name, fmt, spf, offset in zip(header.file_name, header.fmt, header.samps_per_frame, header.byte_offset):
         if fmt not in _WFDB_BITS:

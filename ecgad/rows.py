@@ -23,6 +23,7 @@ import numpy as np
 
 from ecgad.config import PrepConfig
 from ecgad.io import read_record
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.preprocess import prepare
 from ecgad.types import Prepared, Record, Rejection, Window
 from ecgad.validate import validate
@@ -126,26 +127,26 @@ def failure_fields(exc: BaseException) -> dict[str, str]:
     return {"status": "error", "reason": f"{type(exc).__name__}: {message}" if message else type(exc).__name__}
 
 
-def read_file(path: str | Path, default_fs: float | None = None) -> Record:
+def read_file(path: str | Path, default_fs: float | None = None, limits: InputLimits = LIMITS) -> Record:
     """``read_record``, with ``default_fs`` as the rate of files that carry none (NPY, CSV without ``# fs=``).
 
     ``read_record(fs=...)`` rejects a file whose own rate differs, so the default cannot simply be passed for every
     file of a mixed folder (100 Hz and 500 Hz WFDB next to NPY); it fills in only where the rate is missing.
     """
     try:
-        return read_record(path)
+        return read_record(path, limits=limits)
     except Rejection as rejection:
         if default_fs is None or rejection.reason != "bad_fs:missing":
             raise
-    return read_record(path, fs=default_fs)
+    return read_record(path, fs=default_fs, limits=limits)
 
 
 def prepare_path(path: str, record_id: str, cfg: PrepConfig = PrepConfig(),
-                 default_fs: float | None = None) -> dict[str, Any]:
-    """Read, validate and prepare one file into a row plus its ``path``; never raises (module docstring: a
-    rejection becomes a ``rejected`` row, anything else an ``error`` row)."""
+                 default_fs: float | None = None, limits: InputLimits = LIMITS) -> dict[str, Any]:
+    """Read (within ``limits``), validate and prepare one file into a row plus its ``path``; never raises (module
+    docstring: a rejection becomes a ``rejected`` row, anything else an ``error`` row)."""
     try:
-        prepared = prepare(validate(read_file(path, default_fs)), cfg)
+        prepared = prepare(validate(read_file(path, default_fs, limits)), cfg)
         prepared.record_id = record_id
         row = prepared_to_row(prepared)
     except Exception as exc:  # fault isolation: one file never fails its task

@@ -58,12 +58,17 @@ class FuzzCase:
     files: tuple[tuple[str, bytes], ...]
     fs: float | None = None
 
-    def write(self, folder: Path) -> Path:
-        """Write the files into ``folder`` (created) and return the path of the record's file."""
+    def write(self, folder: Path, prefix: str = "") -> Path:
+        """Write the files into ``folder`` (created) and return the path of the record's file. With ``prefix``,
+        every file name starts with it, and the first file's references to the others (a WFDB header naming its
+        ``.dat``) are rewritten to match, so many cases can share a folder (one archive source, fewer chunks)."""
         folder.mkdir(parents=True, exist_ok=True)
-        for file_name, content in self.files:
-            (folder / file_name).write_bytes(content)
-        return folder / self.files[0][0]
+        (first_name, first), *others = self.files
+        for file_name, _ in others:
+            first = first.replace(file_name.encode(), f"{prefix}{file_name}".encode())
+        for file_name, content in [(first_name, first), *others]:
+            (folder / f"{prefix}{file_name}").write_bytes(content)
+        return folder / f"{prefix}{first_name}"
 
     @property
     def size(self) -> int:

@@ -231,7 +231,7 @@ def test_failure_fields_keep_rejections_typed_and_name_unexpected_errors():
 
 
 def test_unexpected_exception_in_a_record_becomes_an_error_row(monkeypatch, sample_data):
-    def broken_reader(path, default_fs):
+    def broken_reader(path, default_fs, limits):
         raise KeyError("boom")
 
     monkeypatch.setattr("ecgad.rows.read_file", broken_reader)

@@ -28,6 +28,7 @@ from ray.data.expressions import col
 
 from ecgad.config import PrepConfig
 from ecgad.inputs import chunk_rows, entries, listing_sources, source_chunks
+from ecgad.limits import LIMITS, InputLimits
 from ecgad.log import get_logger
 from ecgad.results import PREPARED_CHUNK_SCHEMA, table_to_ipc
 from ecgad.rows import prepare_path, status_row
@@ -69,17 +70,18 @@ KILL_ON_FILE_ENV = "ECGAD_TEST_KILL_PREPARE_ON"
 
 
 @ray.remote(num_cpus=1)
-def _prepare_task(batch: list[tuple[str, str]], cfg: PrepConfig, default_fs: float | None) -> list[dict[str, Any]]:
+def _prepare_task(batch: list[tuple[str, str]], cfg: PrepConfig, default_fs: float | None,
+                  limits: InputLimits) -> list[dict[str, Any]]:
     rows = []
     for path, record_id in batch:
         if os.environ.get(KILL_ON_FILE_ENV) == Path(path).name:
             os._exit(1)
-        rows.append(prepare_path(path, record_id, cfg, default_fs))
+        rows.append(prepare_path(path, record_id, cfg, default_fs, limits))
     return rows
 
 
-def prepare_isolated(batch: Sequence[tuple[str, str]], cfg: PrepConfig,
-                     default_fs: float | None = None) -> list[dict[str, Any]]:
+def prepare_isolated(batch: Sequence[tuple[str, str]], cfg: PrepConfig, default_fs: float | None = None,
+                     limits: InputLimits = LIMITS) -> list[dict[str, Any]]:
     """``(path, record_id)`` pairs -> one row each (`ecgad.rows.prepare_path`), even if a record kills its worker.
 
     The batch is prepared in one child task, tried once. If its worker dies, each record is prepared alone in its
@@ -90,12 +92,12 @@ def prepare_isolated(batch: Sequence[tuple[str, str]], cfg: PrepConfig,
     batch = list(batch)
     whole = _prepare_task.options(memory=prepare_memory(len(batch)), max_retries=0)
     try:
-        return ray.get(whole.remote(batch, cfg, default_fs))
+        return ray.get(whole.remote(batch, cfg, default_fs, limits))
     except _WORKER_DEATHS as death:
         log.warning(f"a prepare worker died ({type(death).__name__}) on a batch of {len(batch)} records; "
                     "preparing them one by one")
     alone = _prepare_task.options(memory=prepare_memory(1), max_retries=RECORD_ATTEMPTS - 1)
-    pending = [alone.remote([entry], cfg, default_fs) for entry in batch]
+    pending = [alone.remote([entry], cfg, default_fs, limits) for entry in batch]
     rows = []
     for (path, record_id), ref in zip(batch, pending):
         try:
@@ -118,11 +120,11 @@ def inputs_dataset(inputs: pa.Table, rows_per_block: int = RECORDS_PER_TASK) -> 
     return ray.data.from_arrow(blocks or [inputs])
 
 
-def prepare_shard_rows(batch: pa.Table, cfg: PrepConfig = PrepConfig()) -> pa.Table:
+def prepare_shard_rows(batch: pa.Table, cfg: PrepConfig = PrepConfig(), limits: InputLimits = LIMITS) -> pa.Table:
     """``map_batches`` (``batch_format="pyarrow"``): input rows -> one prepared or status row each
     (`ecgad.rows.prepare_path`), with the inputs' index columns, in exactly the shard columns
     (`ecgad.shards.SHARD_SCHEMA`)."""
-    return conform(rows_table(prepare_isolated(list(entries(batch)), cfg), extra=batch))
+    return conform(rows_table(prepare_isolated(list(entries(batch)), cfg, limits=limits), extra=batch))
 
 
 # -- chunk rows (scoring) ------------------------------------------------------------------------------------------
@@ -140,10 +142,11 @@ def chunks_dataset(inputs: pa.Table, chunk_size: int) -> Dataset:
     return ray.data.from_items(list(chunk_rows("inputs", entries(inputs), chunk_size)))
 
 
-def prepare_chunks(batch: pa.Table, cfg: PrepConfig, default_fs: float | None) -> pa.Table:
+def prepare_chunks(batch: pa.Table, cfg: PrepConfig, default_fs: float | None,
+                   limits: InputLimits = LIMITS) -> pa.Table:
     """``map_batches`` (``batch_format="pyarrow"``): chunk rows -> prepared chunk rows, each chunk's records
-    (`ecgad.rows.prepare_path`, one row per input, never raising) as one nested table."""
-    prepared = [table_to_ipc(rows_table(prepare_isolated(list(zip(paths, record_ids)), cfg, default_fs)))
+    (`ecgad.rows.prepare_path`, one row per input, never raising, read within ``limits``) as one nested table."""
+    prepared = [table_to_ipc(rows_table(prepare_isolated(list(zip(paths, record_ids)), cfg, default_fs, limits)))
                 for paths, record_ids in zip(batch.column("paths").to_pylist(), batch.column("record_ids").to_pylist())]
     return pa.table({"chunk": batch.column("chunk"), "prepared": pa.array(prepared, pa.large_binary())},
                     schema=PREPARED_CHUNK_SCHEMA)

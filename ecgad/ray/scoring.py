@@ -22,6 +22,7 @@ import torch
 from ray.data import ActorPoolStrategy, Dataset
 
 from ecgad.config import PrepConfig
+from ecgad.limits import LIMITS
 from ecgad.ray.data import prepare_chunks, prepare_memory
 from ecgad.results import (SCORED_CHUNK_SCHEMA, SCORED_MAP_SCHEMA, RESULT_SCHEMA, map_row, result_row,
                            scored_chunks, table_from_ipc, table_to_ipc)
@@ -83,11 +84,13 @@ def scoring_pipeline(chunks: Dataset, checkpoint: Path, prep_config: PrepConfig,
                      default_fs: float | None = None) -> Dataset:
     """Chunk rows (of at most ``chunk_size`` records) -> scored chunk rows: prepare in CPU tasks, score in an
     autoscaling pool of ``min_scorers``..``num_scorers`` model actors, each ``scorer_cpus`` CPUs (torch threads:
-    ``scorer_threads``, default ``scorer_cpus`` rounded down, at least 1) and a GPU with ``use_gpu``."""
+    ``scorer_threads``, default ``scorer_cpus`` rounded down, at least 1) and a GPU with ``use_gpu``. Records are
+    read within this process's input limits (`ecgad.limits.LIMITS`), passed to the prepare tasks, so a job's
+    workers apply the limits of the environment the job was started in, wherever they run."""
     return (
         chunks.repartition(target_num_rows_per_block=1)   # one chunk per block, so chunks spread over tasks
         .map_batches(prepare_chunks, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"cfg": prep_config, "default_fs": default_fs},
+                     fn_kwargs={"cfg": prep_config, "default_fs": default_fs, "limits": LIMITS},
                      num_cpus=1, memory=prepare_memory(chunk_size))
         .map_batches(ScorerActor, batch_size=1, batch_format="pyarrow",
                      compute=ActorPoolStrategy(min_size=min_scorers, max_size=num_scorers),
