@@ -99,3 +99,37 @@ def replace_directory(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, final)
+
+
+def publish_directory(new: Path, final: Path) -> bool:
+    """Put the finished directory ``new`` at ``final`` unless ``final`` already exists, for write-once content named
+    by its own hash (an existing ``final`` holds the same bytes); returns whether ``new`` went in place (otherwise it
+    is deleted). Renaming a directory onto a non-empty one fails, so of two writers racing, the first one wins and
+    the second's rename fails, and nothing in place is ever replaced."""
+    try:
+        os.rename(new, final)
+        return True
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(new, ignore_errors=True)
+        return False
+
+
+def replace_symlink(final: str | Path, target: str) -> None:
+    """Point the symbolic link ``final`` at ``target`` (stored as given, e.g. relative to ``final``'s folder),
+    atomically: the link is made under a temporary name and renamed over ``final``, so a reader resolves the old
+    target or the new one, never nothing. A real directory at ``final`` (not a link) cannot be renamed over; it is
+    moved aside first (`replace_directory`), which leaves a moment without ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(final)
+    os.symlink(target, tmp)
+    try:
+        if final.is_dir() and not final.is_symlink():
+            replace_directory(tmp, final)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

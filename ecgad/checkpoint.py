@@ -9,10 +9,25 @@ Layout::
 Why a directory of plain files rather than one pickle: ``weights_only`` loading cannot execute code from a
 checkpoint someone hands us, and ``config.json`` can be read (and diffed) without torch. The weights' SHA-256 is
 recorded at save time and checked at load time, so a swapped or truncated weights file is refused instead of
-silently scoring with the wrong model; with the commit it forms ``model_version``, which every score can carry.
+silently scoring with the wrong model.
 
-Writes are atomic: the directory is assembled under a temporary name next to the target and renamed into place,
-so a reader (a Serve replica, a batch job) never sees half a checkpoint.
+**Versions.** A model's version (`model_version_of`, ``<weights sha256[:12]>-<content sha256[:12]>``) is a hash of
+what decides its scores: the weights, the model and preparation configs, the threshold and its quantile; not the
+training history or the time of saving, so exporting the same model twice gives the same version. Training
+publishes each selected model once (`publish_checkpoint`) to ``RUN/models/<version>/``, a directory never written
+again, and points ``RUN/best`` at the current one. Every consumer resolves its checkpoint argument once, at start
+(`resolve_checkpoint`), and hands the version directory, not the pointer, to every process it starts; so a later
+export cannot change what a running job, or one replica of a running service, scores with.
+
+Why the pointer is a relative symbolic link and not a pointer file: every reader of a checkpoint directory (ours,
+Ray's, a user's ``ls`` or ``cat best/config.json``) follows a link without knowing about it, so ``RUN/best`` keeps
+working as a checkpoint argument everywhere; a rename swaps it atomically (`ecgad.atomic.replace_symlink`); and
+being relative, it means the same on every node that mounts the run directory under another path, and survives
+copying the run directory. Object stores have no links: a run directory there would need a small pointer file,
+read in `resolve_checkpoint`, the one place that interprets the pointer.
+
+Writes are atomic: a directory is assembled under a temporary name next to the target and renamed into place, so
+a reader (a Serve replica, a batch job) never sees half a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +48,7 @@ import numpy as np
 import torch
 
 from ecgad import __version__
-from ecgad.atomic import replace_directory
+from ecgad.atomic import publish_directory, replace_directory, replace_symlink, temporary_directory
 from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig, load_published_state_dict
 from ecgad.settings import REPO_ROOT
@@ -40,6 +56,11 @@ from ecgad.settings import REPO_ROOT
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
+#: The folder of a run directory that holds its published versions, and the pointer at the current one.
+MODELS_DIR = "models"
+POINTER = "best"
+#: The ``config.json`` entries a model's version is a hash of: everything that decides its scores.
+VERSIONED_FIELDS = ("weights_sha256", "model_config", "prep_config", "threshold", "threshold_quantile")
 
 
 class CheckpointError(Exception):
@@ -55,7 +76,7 @@ class Checkpoint:
     prep_config: PrepConfig
     threshold: float                      # NaN when never calibrated (e.g. an imported published model)
     threshold_quantile: float | None
-    model_version: str                    # "<weights sha256[:12]>-<commit[:12]>"
+    model_version: str                    # `model_version_of`: the name of its directory under models/
     git_commit: str
     created: str
     path: Path
@@ -130,6 +151,82 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config:
     return directory
 
 
+def model_version_of(config: dict[str, Any]) -> str:
+    """The version of the checkpoint whose ``config.json`` is ``config``: ``<weights sha256[:12]>-<sha256 of the
+    VERSIONED_FIELDS as canonical JSON[:12]>``. The first part shows at a glance which versions share weights (the
+    same model with another threshold); the second tells those apart."""
+    content = json.dumps({name: config.get(name) for name in VERSIONED_FIELDS}, sort_keys=True,
+                         separators=(",", ":"), allow_nan=False)
+    return f"{str(config.get('weights_sha256'))[:12]}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+
+
+def model_version_at(directory: str | Path) -> str:
+    """The version of the checkpoint at ``directory``, from its ``config.json`` alone (the weights are neither read
+    nor checked: `load_checkpoint` does that)."""
+    directory = Path(directory)
+    _require_files(directory, (CONFIG_FILE,))
+    try:
+        return model_version_of(json.loads((directory / CONFIG_FILE).read_text()))
+    except ValueError as err:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid checkpoint config: {err}") from err
+
+
+def _require_files(directory: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not an ecgad checkpoint: {name} is missing")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The directory a checkpoint argument stands for now, as an absolute path: ``RUN/best`` becomes the version
+    directory it points at (a plain checkpoint directory is itself). Resolve once, at start, and give the result,
+    never the pointer, to every process and replica, so that all of them load the same model even if training
+    publishes a new one meanwhile. Raises `CheckpointError` when there is no checkpoint there."""
+    directory = Path(path).resolve()
+    _require_files(directory, (CONFIG_FILE,))
+    return directory
+
+
+def _store_version(source: Path, models: Path) -> Checkpoint:
+    """Copy the checkpoint files of ``source`` to ``models/<version>/`` unless that version is there already;
+    returns the stored checkpoint, loaded back (its hash checked)."""
+    version = load_checkpoint(source).model_version   # checks the weights against their hash before copying
+    target = models / version
+    if not target.is_dir():
+        tmp = temporary_directory(target)
+        try:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                shutil.copy2(source / name, tmp / name)
+            publish_directory(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return load_checkpoint(target)
+
+
+def publish_checkpoint(source: str | Path, run_dir: str | Path, pointer: str = POINTER) -> Checkpoint:
+    """Publish the checkpoint at ``source`` (only its ``weights.pt`` and ``config.json``; other files, such as a
+    training state, stay behind) as ``run_dir/models/<version>/`` and point ``run_dir/<pointer>`` at it; returns
+    the published checkpoint (its ``path`` is the version directory).
+
+    A version is written once: publishing one that exists already (the same weights, configs and threshold) only
+    moves the pointer, and nothing under ``models/`` is ever replaced, so a job or service that resolved an older
+    version keeps reading the same bytes. A ``pointer`` that is still a real checkpoint directory (written before
+    versions existed) is first published as a version of its own, so replacing it by the link loses no model.
+    """
+    run_dir = Path(run_dir).resolve()
+    models = run_dir / MODELS_DIR
+    models.mkdir(parents=True, exist_ok=True)
+    link = run_dir / pointer
+    if link.exists() and not link.is_symlink():
+        if not (link / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{link} is neither a link nor a checkpoint; not replacing it")
+        _store_version(link, models)
+    published = _store_version(Path(source), models)
+    replace_symlink(link, os.path.relpath(published.path, run_dir))
+    return published
+
+
 def _config_diff(expected: MCFConfig, stored: MCFConfig) -> list[str]:
     return [f"{f.name}: expected {getattr(expected, f.name)!r}, checkpoint has {getattr(stored, f.name)!r}"
             for f in fields(stored) if getattr(expected, f.name) != getattr(stored, f.name)]
@@ -154,9 +251,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
     do not fit the stored config (key by key).
     """
     directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not an ecgad checkpoint: {name} is missing")
+    _require_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
         model_config = MCFConfig.from_dict(config["model_config"])
@@ -193,7 +288,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
         model=model, model_config=model_config, prep_config=prep_config,
         threshold=math.nan if threshold is None else float(threshold),
         threshold_quantile=config.get("threshold_quantile"),
-        model_version=f"{weights_sha[:12]}-{commit[:12]}", git_commit=commit,
+        model_version=model_version_of(config), git_commit=commit,
         created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}))
 
 

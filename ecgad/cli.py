@@ -87,7 +87,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seed=args.seed, device=args.device, lr=args.lr)
     except ValueError as err:   # unusable data or arguments (train_local says which)
         raise CLIError(str(err)) from err
-    print(f"checkpoint written to {out}")
+    print(f"checkpoint written to {out} ({args.out} points at it)")
     return 0
 
 
@@ -141,10 +141,13 @@ def _write_outputs(args: argparse.Namespace, path: Path, record: Record, scores:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from ecgad.checkpoint import resolve_checkpoint
     from ecgad.scoring import Scorer
     from ecgad.types import Rejection
 
-    scorer = Scorer.from_checkpoint(Path(args.checkpoint), device=args.device, mode=args.mode)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    scorer = Scorer.from_checkpoint(checkpoint, device=args.device, mode=args.mode)
+    print(f"ecgad score: model version {scorer.model_version} ({checkpoint})", file=sys.stderr)
     paths = [Path(p) for p in args.paths]
     results = _read_and_score(scorer, paths)
     failures = 0
@@ -153,13 +156,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         if isinstance(outcome, Rejection):
             failures += 1
             row = {"path": str(path), "status": "rejected", "reason": outcome.reason,
-                   "pred_score": None, "pred_label": None}
+                   "pred_score": None, "pred_label": None, "model_version": scorer.model_version}
             _report_rejection(path, outcome.reason, outcome.message)
         else:
             row = {"path": str(path), "status": "ok", "reason": "", "pred_score": float(outcome.pred_score),
                    "pred_label": bool(outcome.pred_label),
                    "threshold": float(outcome.threshold) if math.isfinite(outcome.threshold) else None,
-                   "beats_used": outcome.beats_used}
+                   "beats_used": outcome.beats_used, "model_version": scorer.model_version}
             _write_outputs(args, path, record, outcome, several=len(paths) > 1)
         if args.json:
             _print_json(row)
@@ -184,12 +187,13 @@ def cmd_download(args: argparse.Namespace) -> int:
 # -- ecgad serve / score-archive ---------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ecgad.checkpoint import resolve_checkpoint
     from serve.app import UnsafeBind, run_local
 
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     try:
-        run_local(Path(args.checkpoint), host=args.host, port=args.port, config=args.config, blocking=True,
-                  behind_auth_proxy=args.behind_auth_proxy, allowed_hosts=hosts)
+        run_local(resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, config=args.config,
+                  blocking=True, behind_auth_proxy=args.behind_auth_proxy, allowed_hosts=hosts)
     except UnsafeBind as err:
         raise CLIError(str(err)) from None
     return 0

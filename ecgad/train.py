@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgad.checkpoint import save_checkpoint
+from ecgad.checkpoint import publish_checkpoint, save_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.masks import eval_masks, train_masks
 from ecgad.metrics import calibrate_threshold, record_auprc, record_auroc
@@ -347,7 +348,11 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     best by `selection_key` (AUROC when it exists, else validation loss: `selection_metric`);
     ``metadata["selection"]`` says which and why. The threshold is the 0.95 quantile of the kept model's
     scores on fold-9 normals. ``lr`` is the peak of the cosine schedule (the paper's 1e-4 by default; a small model
-    trained for a few minutes learns far more with 1e-3). Returns ``out_dir``.
+    trained for a few minutes learns far more with 1e-3).
+
+    The checkpoint is published as a version beside ``out_dir`` (``<parent>/models/<version>/``, never rewritten;
+    `ecgad.checkpoint.publish_checkpoint`) and ``out_dir`` becomes a link to it, so training again into the same
+    ``out_dir`` cannot change what a running service or job loaded from it. Returns the version directory.
     """
     if config not in ("small", "paper"):
         raise ValueError(f"config must be 'small' or 'paper', got {config!r}")
@@ -424,7 +429,11 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
                                   "n": int((val_labels == 0).sum())},
         "history": history, "train_seconds": time.perf_counter() - started,
     }
-    path = save_checkpoint(out_dir, model, model_config, prep_config, threshold, metadata=metadata,
-                           threshold_quantile=THRESHOLD_QUANTILE)
-    logger.info("kept epoch %d (%s); threshold %.6g; checkpoint %s", best["epoch"], metric, threshold, path)
-    return path
+    out_dir = Path(out_dir).resolve()
+    with tempfile.TemporaryDirectory() as staging:
+        saved = save_checkpoint(Path(staging) / "checkpoint", model, model_config, prep_config, threshold,
+                                metadata=metadata, threshold_quantile=THRESHOLD_QUANTILE)
+        published = publish_checkpoint(saved, out_dir.parent, out_dir.name)
+    logger.info("kept epoch %d (%s); threshold %.6g; model version %s at %s (%s points at it)", best["epoch"],
+                metric, threshold, published.model_version, published.path, out_dir)
+    return published.path

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from ecgad.atomic import atomic_file, write_json
-from ecgad.checkpoint import CheckpointError, load_checkpoint
+from ecgad.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from ecgad.inputs import is_ptbxl_root, list_inputs
 from ecgad.log import get_logger
 from ecgad.metrics import evaluate_scores
@@ -113,8 +113,9 @@ def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root, out, checkpoint = Path(args.data).resolve(), Path(args.out).resolve(), Path(args.checkpoint).resolve()
+    root, out = Path(args.data).resolve(), Path(args.out).resolve()
     try:
+        checkpoint = resolve_checkpoint(args.checkpoint)   # RUNDIR/best -> its version, once, for every actor
         loaded = load_checkpoint(checkpoint)   # fail fast, and the preparation config and threshold to use
     except CheckpointError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     log.info(f"scoring fold {args.fold} of {root}: {inputs.num_rows} records, mode {args.mode}, "
-             f"model {loaded.model_version}" + (", with anomaly maps (masks present)" if with_maps else ""))
+             f"model version {loaded.model_version} ({checkpoint})" + (", with anomaly maps (masks present)" if with_maps else ""))
     scored = scoring_pipeline(chunks_dataset(inputs, RECORDS_PER_TASK), checkpoint, loaded.prep_config,
                               chunk_size=RECORDS_PER_TASK, maps=with_maps, batch_size=args.batch_size,
                               num_scorers=args.num_scorers, use_gpu=args.use_gpu, mode=args.mode,

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True,
                         help="a folder tree of ECG files (WFDB .hea+.dat/.mat, CSV, NPY, NPZ), a PTB-XL root, or a "
                              "manifest (.csv/.parquet with a 'path' column, optionally 'record_id')")
-    parser.add_argument("--checkpoint", required=True, help="an ecgad checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help="an ecgad checkpoint directory (RUNDIR/best is resolved once, at start, to its version)")
     parser.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
     parser.add_argument("--maps", action="store_true", help="also write anomaly maps (OUT/maps, zstd Parquet)")
     parser.add_argument("--batch-size", type=int, default=32, help="records per model forward pass")

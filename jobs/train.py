@@ -6,10 +6,12 @@
         --num-workers 4 --use-gpu --config paper
 
 Trains on the fold 1-8 normals, validates every epoch on fold 9 and ends with the selected checkpoint, its
-threshold calibrated on the fold-9 normals, at ``RUNDIR/best`` and the run's history at ``RUNDIR/metrics.json``
-(details: ``ecgad.ray.train``). The checkpoint is selected by the validation AUROC where fold 9 holds normal and
+threshold calibrated on the fold-9 normals, published once as ``RUNDIR/models/<version>/`` (never rewritten) with
+``RUNDIR/best`` a link to it, and the run's history at ``RUNDIR/metrics.json`` (details: ``ecgad.ray.train``,
+``ecgad.checkpoint``). The checkpoint is selected by the validation AUROC where fold 9 holds normal and
 abnormal records, else by the validation loss (``--select-by`` overrides). Rerunning the same command (same
-``--name`` and storage path) resumes after the last finished epoch; a finished run just re-exports its result.
+``--name`` and storage path) resumes after the last finished epoch; a finished run just re-exports its result
+(the same version: ``best`` keeps pointing at it).
 
 The last line on stdout is the summary as one JSON object. Exit codes: 0 trained, 2 bad usage.
 """
@@ -33,7 +35,8 @@ from ecgad.train import BASE_LR, SELECTION_ORDER, selection_metric
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a shards directory written by jobs.preprocess")
-    parser.add_argument("--out", required=True, help="run directory: best/, metrics.json (and Ray's run folder)")
+    parser.add_argument("--out", required=True, help="run directory: models/<version>/, best (a link to the current version), metrics.json "
+                        "(and Ray's run folder)")
     parser.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (one GPU each with --use-gpu)")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cpus-per-worker", type=float, default=None,

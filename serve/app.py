@@ -148,6 +148,7 @@ class ECGModel:
             torch.set_num_threads(cpu_threads)
         self.mode = mode
         self.checkpoint = load_checkpoint(checkpoint, device=self.device)
+        logger.info("model replica: version %s from %s", self.checkpoint.model_version, self.checkpoint.path)
         self.scorer = Scorer(self.checkpoint.model, self.checkpoint.prep_config, self.checkpoint.threshold,
                              device=self.device, mode=mode, model_version=self.checkpoint.model_version)
         # Batches and health probes share one model; running them one at a time bounds memory (GPU above all).
@@ -471,7 +472,16 @@ IMPORT_PATH = f"{__name__}:build_app"
 
 
 def bind_app(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
-    """The application, each deployment with the ``Deployment.options`` given for its name in ``options``."""
+    """The application, each deployment with the ``Deployment.options`` given for its name in ``options``.
+
+    The checkpoint is resolved here, once (`ecgad.checkpoint.resolve_checkpoint`): every replica, including one
+    Serve starts later to replace another, loads that version directory, so the application serves one version
+    however often training moves ``RUN/best``. Another version is a redeploy, which Serve rolls out replica by
+    replica while the application keeps answering."""
+    from ecgad.checkpoint import model_version_at, resolve_checkpoint
+
+    args = args.model_copy(update={"checkpoint": str(resolve_checkpoint(args.checkpoint))})
+    logger.info("application pinned to model version %s (%s)", model_version_at(args.checkpoint), args.checkpoint)
     options = options or {}
     model = ECGModel.options(**options.get(ECGModel.name, {})).bind(
         checkpoint=args.checkpoint, mode=args.mode, device=args.device, cpu_threads=args.cpu_threads)

@@ -42,7 +42,8 @@ class ScoreResponse(BaseModel):
     beats_used: int
     windows_scored: int = Field(description="10 s windows scored (records longer than 10 s are scored in windows)")
     warnings: list[str]
-    model_version: str = Field(description="<weights sha256[:12]>-<training commit[:12]>")
+    model_version: str = Field(description="the version of the model that scored it: <weights sha256[:12]>-<sha256 "
+                                           "of weights, configs and threshold[:12]>")
 
 
 #: The 422 code of a record the model failed on (its batch neighbours are scored as usual).

@@ -35,7 +35,7 @@ from ray.data.expressions import col
 
 from ecgad.archive import DEFAULT_CHUNK_SIZE, ArchiveError, ArchiveLayout, summarize
 from ecgad.atomic import write_json
-from ecgad.checkpoint import load_checkpoint
+from ecgad.checkpoint import load_checkpoint, resolve_checkpoint
 from ecgad.inputs import input_kind
 from ecgad.log import get_logger
 from ecgad.ray.data import list_chunks
@@ -127,7 +127,8 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
     Rerunning with the same arguments after a kill or an `ArchiveJobFailed` resumes: committed chunks are skipped.
     """
     started = time.perf_counter()
-    input_path, out, checkpoint = Path(input_path).resolve(), Path(out).resolve(), Path(checkpoint).resolve()
+    input_path, out = Path(input_path).resolve(), Path(out).resolve()
+    checkpoint = resolve_checkpoint(checkpoint)   # RUNDIR/best -> its version, once, for every scoring actor
     if chunk_size < 1 or batch_size < 1 or not 1 <= min_scorers <= num_scorers:
         raise ArchiveError("need chunk_size >= 1, batch_size >= 1 and 1 <= min_scorers <= num_scorers")
     loaded = load_checkpoint(checkpoint)  # fail fast on a bad checkpoint; gives the preparation config
@@ -148,7 +149,8 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
         raise ArchiveError(f"{out} holds {len(committed - planned)} committed chunks that match no chunk of "
                            f"{input_path} (the input changed since the first run); use another --out")
     todo = planned - committed
-    log.info(f"{'resuming' if resuming else 'starting'}: {n_inputs} records in {len(planned)} chunks, "
+    log.info(f"{'resuming' if resuming else 'starting'} with model version {model_version} ({checkpoint}): "
+             f"{n_inputs} records in {len(planned)} chunks, "
              f"{len(committed)} already committed, {len(todo)} to do"
              + (f", {removed} partial files removed" if removed else ""))
 
@@ -171,7 +173,8 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
         "chunks": {"planned": len(planned), "skipped": len(committed), "written": len(sink.stats)},
         "records_this_run": scored_now, "wall_s": round(wall, 3),
         "records_per_s": round(scored_now / wall, 3) if wall > 0 else None,
-        "model_version": model_version, "mode": mode, "maps": maps, "input": str(input_path), "out": str(out),
+        "model_version": model_version, "checkpoint": str(checkpoint), "mode": mode, "maps": maps,
+        "input": str(input_path), "out": str(out),
     }
     write_json(layout.summary_file, summary)
     log.info(f"done: {totals['records']}/{n_inputs} records written ({scored_now} this run) in {wall:.1f} s; "

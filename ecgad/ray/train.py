@@ -20,8 +20,9 @@ What Ray adds around the library, and nothing more:
   run name and storage path resumes after the latest reported epoch, with the optimizer state restored, so no
   epoch is repeated or skipped.
 
-`fit` is the driver side: it builds the datasets and the ``TorchTrainer``, runs it, and exports the selected
-checkpoint to ``OUT/best`` with ``OUT/metrics.json``. Fault injection for tests (`TrainSettings.fail_at_epoch`) makes
+`fit` is the driver side: it builds the datasets and the ``TorchTrainer``, runs it, and publishes the selected
+checkpoint as ``OUT/models/<version>/``, pointed at by ``OUT/best`` (`ecgad.checkpoint.publish_checkpoint`), with
+``OUT/metrics.json``. Fault injection for tests (`TrainSettings.fail_at_epoch`) makes
 the last worker die once, mid-epoch, recorded by a marker file so the restarted run does not fail again.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import zlib
@@ -44,7 +44,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
-from ecgad.atomic import replace_directory, temporary_directory, write_json, write_text
+from ecgad.atomic import write_json, write_text
+from ecgad.checkpoint import POINTER, publish_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.log import get_logger
 from ecgad.model import MCF, MCFConfig, unwrap
@@ -350,8 +351,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_workers: int = 1, use_gpu: bool = False,
         cpus_per_worker: float = 1.0, placement_strategy: str = "PACK", name: str = "train",
         storage_path: str | None = None, max_failures: int = 3, num_to_keep: int = 2) -> dict[str, Any]:
-    """Train on the shards at ``data`` with Ray Train; export the selected checkpoint to ``out/best`` and write
-    ``out/metrics.json``; returns what it writes there.
+    """Train on the shards at ``data`` with Ray Train; publish the selected checkpoint as ``out/models/<version>/``,
+    point ``out/best`` at it, and write ``out/metrics.json``; returns what it writes there.
 
     Runs on the Ray cluster this process is connected to. Ray's run directory is ``storage_path/name`` (default
     ``storage_path`` = ``out``; on a multi-node cluster it must be shared storage, e.g. EFS or ``s3://...``): a
@@ -392,7 +393,9 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     best, _ = max(result.best_checkpoints, key=lambda kept: selection_key(kept[1], settings.select_by))
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / "config.json").read_text())["metadata"]["history"]
-    exported = export_checkpoint(best, out / "best")
+    exported = export_checkpoint(best, out)
+    logger.info("model version %s published at %s (%s points at it)", exported.model_version, exported.path,
+                out / POINTER)
     chosen = next(m for m in history if m["epoch"] == exported.metadata["epoch"])
     summary = {
         "run": {"name": name, "path": result.path, "num_workers": num_workers, "use_gpu": use_gpu},
@@ -400,7 +403,8 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         "settings": settings.to_dict(),
         "epochs": history,
         "best": {
-            "epoch": chosen["epoch"], "checkpoint": str(out / "best"), "model_version": exported.model_version,
+            "epoch": chosen["epoch"], "checkpoint": str(exported.path), "pointer": str(out / POINTER),
+            "model_version": exported.model_version,
             "selected_by": settings.select_by, "order": order,
             "value": chosen[settings.select_by],
             "why": f"{order} {settings.select_by} over the {len(history)} epochs on the validation fold "
@@ -414,22 +418,11 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     return summary
 
 
-def export_checkpoint(checkpoint, target: Path):
-    """Copy the ecgad files of a reported checkpoint (not the training state) to ``target``, atomically, and load
-    it back as a check; returns the loaded `ecgad.checkpoint.Checkpoint`."""
-    from ecgad.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-
-    tmp = temporary_directory(target)
-    try:
-        with checkpoint.as_directory() as source:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                shutil.copy2(Path(source) / name, tmp / name)
-        loaded = load_checkpoint(tmp)
-        replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return loaded
+def export_checkpoint(checkpoint, out: Path):
+    """Publish the ecgad files of a reported Ray checkpoint (not the training state) as a version of the run
+    ``out`` and point ``out/best`` at it; returns the published `ecgad.checkpoint.Checkpoint`."""
+    with checkpoint.as_directory() as source:
+        return publish_checkpoint(source, out)
 
 
 def _json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
