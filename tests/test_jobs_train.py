@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -179,12 +180,18 @@ def test_a_killed_driver_resumes_without_repeating_or_skipping_epochs(cluster, d
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
+    lines: list[str] = []   # read as it comes: the workers' epoch lines reach the driver's stdout with some delay
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 240
-    while _latest_checkpoint(out / "train") != "epoch-0001":   # Ray Train has committed epoch 1's checkpoint
+    # Ray Train has committed epoch 1's checkpoint, and its epoch line has been forwarded to the driver
+    while _latest_checkpoint(out / "train") != "epoch-0001" or 1 not in _epochs("".join(lines))[0]:
         assert first.poll() is None and time.monotonic() < deadline, "the first run ended before epoch 1"
         time.sleep(0.5)
     first.send_signal(signal.SIGKILL)
-    first_out = first.communicate()[0]
+    first.wait()
+    reader.join(timeout=30)
+    first_out = "".join(lines)
     assert first.returncode == -signal.SIGKILL
     (tmp_path / "first.log").write_text(first_out)
 
