@@ -181,7 +181,7 @@ def test_a_killed_driver_resumes_without_repeating_or_skipping_epochs(cluster, d
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     lines: list[str] = []   # read as it comes: the workers' epoch lines reach the driver's stdout with some delay
-    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in first.stdout], daemon=True)
     reader.start()
     deadline = time.monotonic() + 240
     # Ray Train has committed epoch 1's checkpoint, and its epoch line has been forwarded to the driver
