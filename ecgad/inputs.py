@@ -13,13 +13,18 @@ Three kinds of input (`input_kind`):
   optionally ``record_id`` (default: the path as listed, without extension), streamed, never loaded whole.
 
 Jobs that hold the list on the driver (preprocessing, evaluation) take a root as one table (`list_inputs`). Archive
-scoring lists inputs of any size: `listing_sources` names the sources on the driver (only folder names are walked),
-and `source_chunks` lists one source's records, in a task, as chunks.
+scoring lists inputs of any size without the driver ever holding the listing: each source (`Source`: a PTB-XL root,
+a manifest, or one folder of a tree) is listed by `list_source`, in a task of its own (`ecgad.ray.listing`), which
+names the subfolders to list next and streams the source's records as slices. A folder is read once (`ecgad.tree`:
+``os.scandir``, no ``stat`` per file), by one task; its subfolders are listed by further tasks.
 
 A chunk is ``chunk_size`` consecutive records of one source, the unit that flows through the scoring pipeline
 (`ecgad.ray.scoring`). Its id is a hash of its source, position and member paths, so archive scoring only ever
-skips a chunk when exactly the same paths were committed. Chunks never span sources, so a chunk's members depend on
-nothing but its own source.
+skips a chunk when exactly the same paths were committed. Chunks never span sources, and a folder's records are
+sorted by name, so a chunk's members depend on nothing but its own source: the same tree gives the same chunks
+however its listing tasks are scheduled. A slice (`SLICE_SCHEMA`) is `CHUNKS_PER_SLICE` consecutive chunks of one
+source, the unit a listing task emits, so that a folder of millions of files leaves its task in many pieces, which
+separate tasks turn into chunk rows (`slice_chunks`).
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from ecgad.io import RECORD_SUFFIXES
 from ecgad.ptbxl import MASK_DIR, load_ptbxl_index
 from ecgad.shards import INDEX_FIELDS
+from ecgad.tree import ROOT, FolderTree, LocalTree, child
 
 #: Manifest files (a table with a ``path`` column, optionally ``record_id``).
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -49,6 +57,22 @@ _METADATA_TABLES = frozenset({"ptbxl_database.csv", "scp_statements.csv", "label
 #: The columns of `list_inputs`: where a record is, its id, and the index columns (nulls outside a PTB-XL root).
 INPUT_SCHEMA = pa.schema([pa.field("path", pa.string()), pa.field("record_id", pa.string()),
                           *(pa.field(*f) for f in INDEX_FIELDS[1:])])
+
+#: Chunks per slice: a listing task emits a source's records this many chunks at a time (8192 records at the archive's
+#: default chunk size), so no task hands over a folder's whole listing at once and chunk rows are built in parallel.
+CHUNKS_PER_SLICE = 64
+
+#: A slice: consecutive records of one source, from its chunk number ``first_chunk`` on (module docstring).
+SLICE_SCHEMA = pa.schema([pa.field("source", pa.string()), pa.field("first_chunk", pa.int64()),
+                          pa.field("paths", pa.list_(pa.string())), pa.field("record_ids", pa.list_(pa.string()))])
+
+#: A chunk row, the unit the scoring pipeline takes: its id, size, member paths and record ids.
+CHUNK_SCHEMA = pa.schema([pa.field("chunk", pa.string()), pa.field("n_paths", pa.int64()),
+                          pa.field("paths", pa.list_(pa.string())), pa.field("record_ids", pa.list_(pa.string()))])
+
+#: Names gathered per Arrow array while a folder is read: a folder of millions of files is held as compact Arrow
+#: strings (~20 bytes a name), never as one Python list.
+_NAMES_PER_BATCH = 65536
 
 
 class InputError(ValueError):
@@ -74,20 +98,56 @@ def input_kind(path: Path) -> str:
 
 # -- what is a record ----------------------------------------------------------------------------------------------
 
+def is_record_name(name: str) -> bool:
+    """Whether a file named ``name`` is an ECG record wherever it lies (`is_record_file` without the folder rule):
+    a suffix of `ecgad.io.RECORD_SUFFIXES` (as ``pathlib`` reads suffixes: ``.npy`` alone is a hidden file, not a
+    record) and none of the known metadata tables."""
+    lowered = name.lower()
+    return (any(lowered.endswith(suffix) and len(lowered) > len(suffix) for suffix in RECORD_SUFFIXES)
+            and lowered not in _METADATA_TABLES)
+
+
 def is_record_file(path: Path, root: Path) -> bool:
     """Whether the file ``path`` under ``root`` is an ECG record: a format `ecgad.io.read_record` reads (a WFDB
     record counts once, by its ``.hea`` header), but none of the known metadata tables (``ptbxl_database.csv``,
     ``scp_statements.csv``, ``labels.csv``) and nothing in a ``masks/`` folder (where `ecgad.synth_dataset` keeps
     the ground-truth point masks: ``.npy`` arrays, not ECGs), so a PTB-XL root, a synthetic root or the sample data
-    can be listed as a plain folder too."""
-    return (path.suffix.lower() in RECORD_SUFFIXES and path.name.lower() not in _METADATA_TABLES
-            and MASK_DIR not in path.relative_to(root).parts[:-1])
+    can be listed as a plain folder too. A folder listing applies the same rule folder by folder (`folder_records`)."""
+    return is_record_name(path.name) and MASK_DIR not in path.relative_to(root).parts[:-1]
+
+
+def record_stem(name: str) -> str:
+    """A record file's name without its suffix (``a.b.hea`` -> ``a.b``), as `record_id_of` drops it."""
+    return name[:name.rindex(".")]
+
+
+def folder_records(tree: FolderTree, folder: str) -> tuple[list[str], pa.Array]:
+    """One folder, read once: its subfolders to list next (sorted; ``masks/`` folders left out, see
+    `is_record_file`) and the names of the record files directly in it, sorted (Arrow strings)."""
+    subfolders, names, batches = [], [], []
+    for entry in tree.entries(folder):
+        if entry.is_dir:
+            if entry.name != MASK_DIR:
+                subfolders.append(child(folder, entry.name))
+        elif is_record_name(entry.name):
+            names.append(entry.name)
+            if len(names) == _NAMES_PER_BATCH:
+                batches.append(pa.array(names, pa.string()))
+                names = []
+    found = pa.concat_arrays([*batches, pa.array(names, pa.string())])
+    return sorted(subfolders), found.take(pc.array_sort_indices(found))
 
 
 def list_record_files(root: str | Path) -> list[Path]:
-    """Every ECG file under ``root`` (any depth, `is_record_file`), sorted."""
-    root = Path(root)
-    return sorted(path for path in root.rglob("*") if is_record_file(path, root) and path.is_file())
+    """Every ECG file under ``root`` (any depth, `is_record_file`; symlinks as `ecgad.tree` rules), sorted: the
+    serial form of the listing, for inputs small enough to hold."""
+    tree, found, folders = LocalTree(os.path.realpath(root)), [], [ROOT]
+    while folders:
+        folder = folders.pop()
+        subfolders, names = folder_records(tree, folder)
+        folders += subfolders
+        found += [Path(root, child(folder, name)) for name in names.to_pylist()]
+    return sorted(found)
 
 
 def record_id_of(path: Path, root: Path) -> str:
@@ -139,45 +199,60 @@ def chunk_id(source: str, index: int, paths: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def chunk_rows(source: str, pairs: Iterable[tuple[str, str]], chunk_size: int) -> Iterator[dict[str, Any]]:
-    """Group ``(path, record_id)`` pairs, in order, into chunk rows ``{chunk, n_paths, paths, record_ids}``."""
+def slices(source: str, pairs: Iterable[tuple[str, str]], chunk_size: int) -> Iterator[pa.Table]:
+    """``(path, record_id)`` pairs of one source, in order, as one-row `SLICE_SCHEMA` tables of `CHUNKS_PER_SLICE`
+    chunks each (the last one shorter), consuming ``pairs`` one slice at a time."""
     pairs = iter(pairs)
-    for index in itertools.count():
-        batch = list(itertools.islice(pairs, chunk_size))
+    for number in itertools.count():
+        batch = list(itertools.islice(pairs, chunk_size * CHUNKS_PER_SLICE))
         if not batch:
             return
-        paths = [p for p, _ in batch]
-        yield {"chunk": chunk_id(source, index, paths), "n_paths": len(paths), "paths": paths,
-               "record_ids": [r for _, r in batch]}
+        yield pa.table({"source": [source], "first_chunk": [number * CHUNKS_PER_SLICE],
+                        "paths": [[p for p, _ in batch]], "record_ids": [[r for _, r in batch]]}, schema=SLICE_SCHEMA)
 
 
-def listing_sources(path: Path) -> list[dict[str, str]]:
-    """What to list, one `source_chunks` call each: a PTB-XL root (its index) or a manifest is one source; a folder
-    tree is one source per folder that directly holds files, and only folder names are walked here."""
-    kind = input_kind(path)
-    if kind != "directory":
-        return [{"kind": kind, "location": str(path), "root": str(path)}]
-    folders = []
-    for folder, subdirs, files in os.walk(path):
-        subdirs.sort()
-        if files:
-            folders.append(folder)
-    return [{"kind": kind, "location": folder, "root": str(path)} for folder in sorted(folders)]
+def slice_chunks(batch: pa.Table, chunk_size: int) -> pa.Table:
+    """``map_batches`` (``batch_format="pyarrow"``): `SLICE_SCHEMA` rows -> `CHUNK_SCHEMA` rows, ``chunk_size``
+    records each, numbered on from each slice's ``first_chunk``."""
+    rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+    for source, first, paths, record_ids in zip(*(batch.column(name).to_pylist() for name in SLICE_SCHEMA.names)):
+        for number, start in enumerate(range(0, len(paths), chunk_size), start=first):
+            members = paths[start:start + chunk_size]
+            rows["chunk"].append(chunk_id(source, number, members))
+            rows["n_paths"].append(len(members))
+            rows["paths"].append(members)
+            rows["record_ids"].append(record_ids[start:start + chunk_size])
+    return pa.table(rows, schema=CHUNK_SCHEMA)
 
 
-def source_chunks(source: dict[str, str], chunk_size: int) -> Iterator[dict[str, Any]]:
-    """One source's records as `chunk_rows`: a PTB-XL root's index, a manifest streamed, or the record files
-    directly in one folder (its subfolders are sources of their own)."""
-    location = Path(source["location"])
-    if source["kind"] == "ptbxl":
-        yield from chunk_rows("ptbxl", entries(list_inputs(location)), chunk_size)
-    elif source["kind"] == "manifest":
-        yield from chunk_rows(location.name, _manifest_entries(location), chunk_size)
-    else:
-        root = Path(source["root"])
-        files = sorted(p for p in location.iterdir() if is_record_file(p, root) and p.is_file())
-        yield from chunk_rows(location.relative_to(root).as_posix(),
-                              ((str(p), record_id_of(p, root)) for p in files), chunk_size)
+@dataclass(frozen=True)
+class Source:
+    """What one listing task lists (module docstring): a PTB-XL root or a manifest (``location``, whole), or the
+    folder ``folder`` (relative, `ecgad.tree`) of the tree at ``location``."""
+
+    kind: str
+    location: str
+    folder: str = ROOT
+
+
+def list_source(source: Source, chunk_size: int) -> tuple[list[Source], Iterator[pa.Table]]:
+    """The sources to list next (a folder's subfolders) and ``source``'s records as `slices`: a PTB-XL root's index,
+    a manifest streamed, or the record files directly in one folder, sorted by name."""
+    location = Path(source.location)
+    if source.kind == "ptbxl":
+        return [], slices("ptbxl", entries(list_inputs(location)), chunk_size)
+    if source.kind == "manifest":
+        return [], slices(location.name, _manifest_entries(location), chunk_size)
+    tree = LocalTree(source.location)
+    subfolders, names = folder_records(tree, source.folder)
+    pairs = ((tree.path(source.folder, name), child(source.folder, record_stem(name))) for name in _streamed(names))
+    return [Source(source.kind, source.location, f) for f in subfolders], slices(source.folder, pairs, chunk_size)
+
+
+def _streamed(names: pa.Array) -> Iterator[str]:
+    """An Arrow string array's values, converted to Python a batch at a time."""
+    for start in range(0, len(names), _NAMES_PER_BATCH):
+        yield from names.slice(start, _NAMES_PER_BATCH).to_pylist()
 
 
 def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
