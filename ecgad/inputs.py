@@ -249,6 +249,30 @@ def list_source(source: Source, chunk_size: int) -> tuple[list[Source], Iterator
     return [Source(source.kind, source.location, f) for f in subfolders], slices(source.folder, pairs, chunk_size)
 
 
+def list_sources(sources: list[Source], chunk_size: int) -> tuple[list[Source], Iterator[pa.Table]]:
+    """Several sources listed together (`list_source`): every one is read first (the sources to list next come
+    before any record), then their slices stream out gathered into tables of at least a slice's worth of records,
+    so a tree of small folders leaves its tasks in objects large enough for Ray's shared object store: objects
+    under ~100 kB would be returned inline to the caller, the driver, which would then hold the listing."""
+    listed = [list_source(source, chunk_size) for source in sources]
+    return ([s for next_sources, _ in listed for s in next_sources],
+            _gathered(itertools.chain.from_iterable(source_slices for _, source_slices in listed),
+                      chunk_size * CHUNKS_PER_SLICE))
+
+
+def _gathered(tables: Iterable[pa.Table], records: int) -> Iterator[pa.Table]:
+    """`SLICE_SCHEMA` tables, concatenated in order until each holds at least ``records`` records (the last fewer)."""
+    pending, held = [], 0
+    for table in tables:
+        pending.append(table)
+        held += pc.sum(pc.list_value_length(table.column("paths"))).as_py() or 0
+        if held >= records:
+            yield pa.concat_tables(pending)
+            pending, held = [], 0
+    if pending:
+        yield pa.concat_tables(pending)
+
+
 def _streamed(names: pa.Array) -> Iterator[str]:
     """An Arrow string array's values, converted to Python a batch at a time."""
     for start in range(0, len(names), _NAMES_PER_BATCH):
