@@ -51,6 +51,9 @@ from ecgad.tree import ROOT, FolderTree, LocalTree, child
 #: Manifest files (a table with a ``path`` column, optionally ``record_id``).
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 
+#: `ecgad.io.RECORD_SUFFIXES` as ``str.endswith`` takes them.
+_RECORD_SUFFIXES = tuple(RECORD_SUFFIXES)
+
 #: Metadata tables at the top of a PTB-XL root and label tables next to record sets: never ECGs themselves.
 _METADATA_TABLES = frozenset({"ptbxl_database.csv", "scp_statements.csv", "labels.csv"})
 
@@ -103,7 +106,7 @@ def is_record_name(name: str) -> bool:
     a suffix of `ecgad.io.RECORD_SUFFIXES` (as ``pathlib`` reads suffixes: ``.npy`` alone is a hidden file, not a
     record) and none of the known metadata tables."""
     lowered = name.lower()
-    return (any(lowered.endswith(suffix) and len(lowered) > len(suffix) for suffix in RECORD_SUFFIXES)
+    return (lowered.endswith(_RECORD_SUFFIXES) and lowered not in RECORD_SUFFIXES
             and lowered not in _METADATA_TABLES)
 
 
@@ -114,11 +117,6 @@ def is_record_file(path: Path, root: Path) -> bool:
     the ground-truth point masks: ``.npy`` arrays, not ECGs), so a PTB-XL root, a synthetic root or the sample data
     can be listed as a plain folder too. A folder listing applies the same rule folder by folder (`folder_records`)."""
     return is_record_name(path.name) and MASK_DIR not in path.relative_to(root).parts[:-1]
-
-
-def record_stem(name: str) -> str:
-    """A record file's name without its suffix (``a.b.hea`` -> ``a.b``), as `record_id_of` drops it."""
-    return name[:name.rindex(".")]
 
 
 def folder_records(tree: FolderTree, folder: str) -> tuple[list[str], pa.Array]:
@@ -199,16 +197,30 @@ def chunk_id(source: str, index: int, paths: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def slices(source: str, pairs: Iterable[tuple[str, str]], chunk_size: int) -> Iterator[pa.Table]:
-    """``(path, record_id)`` pairs of one source, in order, as one-row `SLICE_SCHEMA` tables of `CHUNKS_PER_SLICE`
-    chunks each (the last one shorter), consuming ``pairs`` one slice at a time."""
-    pairs = iter(pairs)
-    for number in itertools.count():
-        batch = list(itertools.islice(pairs, chunk_size * CHUNKS_PER_SLICE))
-        if not batch:
-            return
-        yield pa.table({"source": [source], "first_chunk": [number * CHUNKS_PER_SLICE],
-                        "paths": [[p for p, _ in batch]], "record_ids": [[r for _, r in batch]]}, schema=SLICE_SCHEMA)
+def slices(source: str, tables: Iterable[pa.Table | pa.RecordBatch], chunk_size: int) -> Iterator[pa.Table]:
+    """The records of one source, in order, as tables (or record batches) with ``path`` and ``record_id`` columns ->
+    one-row `SLICE_SCHEMA` tables of `CHUNKS_PER_SLICE` chunks each (the last one shorter), holding no more than a
+    slice and one input table at a time."""
+    size, number = chunk_size * CHUNKS_PER_SLICE, 0
+    held = pa.table({"path": pa.array([], pa.string()), "record_id": pa.array([], pa.string())})
+    for table in tables:
+        held = pa.concat_tables([held, pa.table({"path": table.column("path").cast(pa.string()),
+                                                 "record_id": table.column("record_id").cast(pa.string())})])
+        start = 0
+        while held.num_rows - start >= size:
+            yield _slice(source, number, held.slice(start, size))
+            number, start = number + CHUNKS_PER_SLICE, start + size
+        held = held.slice(start)
+    if held.num_rows:
+        yield _slice(source, number, held)
+
+
+def _slice(source: str, first_chunk: int, records: pa.Table) -> pa.Table:
+    def listed(column: str) -> pa.Array:
+        return pa.ListArray.from_arrays(pa.array([0, records.num_rows], pa.int32()),
+                                        records.column(column).combine_chunks())
+    return pa.table([pa.array([source]), pa.array([first_chunk], pa.int64()), listed("path"), listed("record_id")],
+                    schema=SLICE_SCHEMA)
 
 
 def slice_chunks(batch: pa.Table, chunk_size: int) -> pa.Table:
@@ -240,13 +252,13 @@ def list_source(source: Source, chunk_size: int) -> tuple[list[Source], Iterator
     a manifest streamed, or the record files directly in one folder, sorted by name."""
     location = Path(source.location)
     if source.kind == "ptbxl":
-        return [], slices("ptbxl", entries(list_inputs(location)), chunk_size)
+        return [], slices("ptbxl", [list_inputs(location)], chunk_size)
     if source.kind == "manifest":
-        return [], slices(location.name, _manifest_entries(location), chunk_size)
+        return [], slices(location.name, _manifest_tables(location), chunk_size)
     tree = LocalTree(source.location)
     subfolders, names = folder_records(tree, source.folder)
-    pairs = ((tree.path(source.folder, name), child(source.folder, record_stem(name))) for name in _streamed(names))
-    return [Source(source.kind, source.location, f) for f in subfolders], slices(source.folder, pairs, chunk_size)
+    return ([Source(source.kind, source.location, f) for f in subfolders],
+            slices(source.folder, _folder_tables(tree, source.folder, names), chunk_size))
 
 
 def list_sources(sources: list[Source], chunk_size: int) -> tuple[list[Source], Iterator[pa.Table]]:
@@ -273,14 +285,32 @@ def _gathered(tables: Iterable[pa.Table], records: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending)
 
 
-def _streamed(names: pa.Array) -> Iterator[str]:
-    """An Arrow string array's values, converted to Python a batch at a time."""
+def _folder_tables(tree: FolderTree, folder: str, names: pa.Array) -> Iterator[pa.Table]:
+    """The ``path`` and ``record_id`` (`record_id_of`) of a folder's record files, from their sorted names, a batch at a
+    time, built with Arrow kernels: a record name always ends in its suffix, which the id drops."""
     for start in range(0, len(names), _NAMES_PER_BATCH):
-        yield from names.slice(start, _NAMES_PER_BATCH).to_pylist()
+        batch = names.slice(start, _NAMES_PER_BATCH)
+        stems = pc.replace_substring_regex(batch, pattern=r"\.[^.]*$", replacement="")
+        yield pa.table({"path": _joined(tree.path(folder), batch),
+                        "record_id": stems if folder == ROOT else _joined(folder, stems)})
 
 
-def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
-    """Stream ``(path, record_id)`` from a manifest in record batches, never loading it whole."""
+def _joined(prefix: str, names: pa.Array) -> pa.Array:
+    """``prefix/name`` for every name."""
+    return pc.binary_join_element_wise(pa.scalar(prefix), names, "/")
+
+
+#: Manifest paths that pathlib would normalize (``a//b``, ``./a``, ``a/./b``, ``a/``, ``""``): joined through
+#: pathlib, one by one, so that a manifest means what it meant when it was read row by row; all others in Arrow.
+_NEEDS_PATHLIB = r"//|(^|/)\.(/|$)|/$|^$"
+
+#: A pathlib suffix at the end of a path: a dot, not leading its name, followed by at least one character.
+_SUFFIX = r"([^/])\.[^./]+$"
+
+
+def _manifest_tables(manifest: Path) -> Iterator[pa.Table]:
+    """Stream ``path`` (relative to the manifest's folder, or absolute) and ``record_id`` (default: the path as
+    listed, without extension) from a manifest, a record batch at a time, never loading it whole."""
     if manifest.suffix.lower() == ".csv":
         header = pcsv.open_csv(manifest, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
         columns = [c for c in ("path", "record_id") if c in header]
@@ -293,9 +323,25 @@ def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
         batches = parquet.iter_batches(columns=columns, batch_size=65536)
     if "path" not in columns:
         raise InputError(f"{manifest}: a manifest needs a 'path' column")
-    base = manifest.parent
     for batch in batches:
-        paths = batch.column("path").to_pylist()
-        ids = batch.column("record_id").to_pylist() if "record_id" in columns else [None] * len(paths)
-        for listed, record_id in zip(paths, ids):
-            yield str(base / listed), record_id or Path(listed).with_suffix("").as_posix()
+        listed = batch.column("path").cast(pa.string())
+        paths = pc.if_else(pc.starts_with(listed, "/"), listed, _joined(str(manifest.parent), listed))
+        default_ids = pc.replace_substring_regex(listed, pattern=_SUFFIX, replacement=r"\1")
+        paths, default_ids = _through_pathlib(manifest.parent, listed, paths, default_ids)
+        given = batch.column("record_id").cast(pa.string()) if "record_id" in columns else None
+        record_ids = default_ids if given is None else pc.if_else(
+            pc.fill_null(pc.not_equal(given, ""), False), given, default_ids)
+        yield pa.table({"path": paths, "record_id": record_ids})
+
+
+def _through_pathlib(base: Path, listed: pa.Array, paths: pa.Array,
+                     default_ids: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """``paths`` and ``default_ids`` with the rows that pathlib would normalize (`_NEEDS_PATHLIB`) done by pathlib."""
+    odd = pc.fill_null(pc.match_substring_regex(listed, _NEEDS_PATHLIB), True)
+    if not pc.any(odd).as_py():
+        return paths, default_ids
+    paths_list, ids_list = paths.to_pylist(), default_ids.to_pylist()
+    for i in pc.indices_nonzero(odd).to_pylist():
+        paths_list[i] = str(base / listed[i].as_py())
+        ids_list[i] = Path(listed[i].as_py()).with_suffix("").as_posix()
+    return pa.array(paths_list, pa.string()), pa.array(ids_list, pa.string())
