@@ -10,7 +10,8 @@ Three kinds of input (`input_kind`):
   record id its path relative to the root without extension; no folds or labels, so it can be prepared and scored,
   not trained on;
 - a **manifest**: a CSV or Parquet table with a ``path`` column (relative to the manifest's folder, or absolute) and
-  optionally ``record_id`` (default: the path as listed, without extension), streamed, never loaded whole.
+  optionally ``record_id`` (default: the path as listed, without extension), streamed in record batches, never
+  loaded whole: the way to give millions of records (no directory is read at all).
 
 Jobs that hold the list on the driver (preprocessing, evaluation) take a root as one table (`list_inputs`). Archive
 scoring lists inputs of any size without the driver ever holding the listing: each source (`Source`: a PTB-XL root,
