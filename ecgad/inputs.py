@@ -15,9 +15,10 @@ Three kinds of input (`input_kind`):
 
 Jobs that hold the list on the driver (preprocessing, evaluation) take a root as one table (`list_inputs`). Archive
 scoring lists inputs of any size without the driver ever holding the listing: each source (`Source`: a PTB-XL root,
-a manifest, or one folder of a tree) is listed by `list_source`, in a task of its own (`ecgad.ray.listing`), which
-names the subfolders to list next and streams the source's records as slices. A folder is read once (`ecgad.tree`:
-``os.scandir``, no ``stat`` per file), by one task; its subfolders are listed by further tasks.
+a manifest, or one folder of a tree) is listed by `list_source`, in a Ray task (`ecgad.ray.listing`, a few folders
+to a task: `list_sources`), which names the subfolders to list next and streams the source's records as slices. A
+folder is read once (`ecgad.tree`: ``os.scandir``, no ``stat`` per file), by one task; its subfolders are listed by
+further tasks.
 
 A chunk is ``chunk_size`` consecutive records of one source, the unit that flows through the scoring pipeline
 (`ecgad.ray.scoring`). Its id is a hash of its source, position and member paths, so archive scoring only ever

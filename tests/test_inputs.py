@@ -166,3 +166,15 @@ def test_tree_digest_is_stable_and_moves_with_any_file(ray_session, tree):
     mask = root / "x" / "masks" / "deeper" / "o.hea"                # side files count: shards are made from them
     os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))
     assert tree_digest(root.resolve()) != before
+
+
+@pytest.mark.cluster
+def test_inputs_the_driver_holds_become_the_same_records_in_chunks(ray_session, tree):
+    from ecgad.inputs import list_inputs
+    from ecgad.ray.data import chunks_dataset
+
+    root, records = tree
+    chunks = chunks_dataset(list_inputs(root), CHUNK).take_all()
+    assert [p for c in sorted(chunks, key=lambda c: c["paths"][0]) for p in c["paths"]] \
+        == [str(root / rel) for rel in records]
+    assert all(c["n_paths"] == len(c["paths"]) == len(c["record_ids"]) <= CHUNK for c in chunks)

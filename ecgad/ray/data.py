@@ -87,7 +87,7 @@ def plan_chunks(input_path: Path, chunk_size: int) -> tuple[MaterializedDataset,
 
 def chunks_dataset(inputs: pa.Table, chunk_size: int) -> Dataset:
     """A list of inputs the driver already holds (`ecgad.inputs.list_inputs`) as a dataset of chunk rows."""
-    return _chunk_rows(ray.data.from_arrow(list(slices("inputs", entries(inputs), chunk_size))
+    return _chunk_rows(ray.data.from_arrow(list(slices("inputs", [inputs], chunk_size))
                                            or SLICE_SCHEMA.empty_table()), chunk_size)
 
 
