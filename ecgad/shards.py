@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,23 +119,16 @@ class ShardLayout:
         return manifest
 
 
-def input_fingerprint(root: str | Path, prep_config: PrepConfig) -> str:
-    """A digest of everything a shards directory is made from: the relative path, size and modification time of
-    every file under ``root`` (records, index tables, masks), the preprocessing config and the shard format.
+def input_fingerprint(tree_digest: str, prep_config: PrepConfig) -> str:
+    """A digest of everything a shards directory is made from: the data root's ``tree_digest`` (the relative path,
+    size and modification time of every file under it: records, index tables, masks; computed folder by folder in
+    Ray tasks, `ecgad.ray.listing.tree_digest`), the preprocessing config and the shard format.
 
-    Stat-based rather than content-based so that checking a 20k-record root costs one directory walk, not reading
-    ~3 GB; a file rewritten in place gets a new mtime, so any change to the inputs changes the digest.
+    Stat-based rather than content-based so that checking a 20k-record root costs one pass over its folders, not
+    reading ~3 GB; a file rewritten in place gets a new mtime, so any change to the inputs changes the digest.
     """
-    root = Path(root).resolve()
-    digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "prep": prep_config.to_dict()},
-                                       sort_keys=True).encode())
-    for folder, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            rel = os.path.relpath(os.path.join(folder, name), root)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "prep": prep_config.to_dict(), "tree": tree_digest},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def rows_table(rows: list[dict[str, Any]], extra: pa.Table | None = None) -> pa.Table:

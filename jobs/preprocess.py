@@ -54,26 +54,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preprocess: error: --out {out} lies inside --data {root}", file=sys.stderr)
         return 2
 
+    import ray
+
+    from ecgad.checkpoint import git_commit
+    from ecgad.ray.data import RECORDS_PER_TASK, inputs_dataset, prepare_memory, prepare_shard_rows
+    from ecgad.ray.listing import tree_digest
+
+    if not ray.is_initialized():
+        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
     cfg = PrepConfig()
     layout = ShardLayout(out)
-    fingerprint = input_fingerprint(root, cfg)
+    fingerprint = input_fingerprint(tree_digest(root), cfg)  # the files' stats are taken in folder tasks
     manifest = layout.read_manifest()
     if manifest is not None and manifest.get("fingerprint") == fingerprint and not args.force:
         log.info(f"{out} is up to date with {root}; nothing to do (--force rebuilds)")
         print(json.dumps(manifest))
         return 0
 
-    import ray
-
-    from ecgad.checkpoint import git_commit
-    from ecgad.ray.data import RECORDS_PER_TASK, inputs_dataset, prepare_memory, prepare_shard_rows
-
     inputs = list_inputs(root)
     if inputs.num_rows == 0:
         print(f"preprocess: error: no ECG records under {root}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
 
     started = time.perf_counter()
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run

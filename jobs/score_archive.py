@@ -4,6 +4,11 @@
         [--num-scorers N] [--use-gpu] [--mode full|fast]
     ray job submit --working-dir . -- python -m jobs.score_archive ...      # the same, on a cluster
 
+For millions of records, give a manifest (a CSV or Parquet table with a ``path`` column, optionally ``record_id``):
+it is streamed in record batches by one task, with no directory reads at all. A folder tree works at that scale too
+(every folder read once, by Ray tasks; the driver never holds the listing: ``ecgad.ray.listing``), but reading
+directories costs more than reading a table, above all on network file systems.
+
 Rerunning the same command after a kill resumes where the last committed chunk left off (see ``ecgad.ray.archive``).
 The last line on stdout is the run's summary as one JSON object (also written to ``OUT/summary.json``).
 Exit codes: 0 every input has its output row (rejected records included); 1 the job failed or the output is

@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import httpx
 
 from serve.app import DEFAULT_CONFIG, TOKEN_ENV, run_local
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import threading
 import time
@@ -26,11 +25,11 @@ import psutil
 import pytest
 
 from ecgad.io import read_record
-from ecgad.types import REJECTION_CODES, Rejection, Scores
+from ecgad.types import REJECTION_CODES, Scores
 from serve import bodies
 from serve.schemas import SCORING_FAILED
 from serve.testing import local_config, local_service, random_checkpoint, token_client
-from tests.fuzz_corpus import BASE_FS, FuzzCase, base_signal, corpus, npy_bytes, npy_header
+from tests.fuzz_corpus import FuzzCase, corpus, npy_bytes, npy_header
 
 pytestmark = pytest.mark.cluster  # starts Ray and Serve (see pyproject.toml's markers)
 

@@ -37,7 +37,7 @@ SUFFIXES: dict[str, str] = {"dicom": ".dcm", "hl7_aecg": ".xml", "ge_muse": ".xm
 
 #: Suffixes that name a file of one of these formats in a folder of records. ``.xml`` files are also sniffed,
 #: because a folder may hold other XML (reports, configuration).
-_BINARY_SUFFIXES = frozenset(SUFFIXES.values()) - {".xml"}
+NAMED_SUFFIXES = frozenset(SUFFIXES.values()) - {".xml"}
 
 
 def sniff_format(path: str | Path) -> str | None:
@@ -69,7 +69,7 @@ def is_hospital_ecg_file(path: Path) -> bool:
     """Whether a file in a folder of records is one of these formats: ``.dcm``/``.scp``/``.edf`` by name (a
     truncated copy still counts, so it is reported, not skipped), ``.xml`` by its root element."""
     suffix = path.suffix.lower()
-    return suffix in _BINARY_SUFFIXES or (suffix == ".xml" and sniff_format(path) is not None)
+    return suffix in NAMED_SUFFIXES or (suffix == ".xml" and sniff_format(path) is not None)
 
 
 def decode(path: Path, fmt: str, limits: InputLimits = LIMITS) -> Decoded:

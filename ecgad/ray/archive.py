@@ -2,7 +2,7 @@
 
 The job (`score_archive`)::
 
-    list   ──► chunks of K paths (ecgad.ray.data.list_chunks: paths only, listed in tasks, never the signals)
+    list   ──► chunks of K paths (ecgad.ray.data.plan_chunks: paths only, listed in tasks, never the signals)
     prepare, score            the scoring pipeline (ecgad.ray.scoring)   -> each chunk's results (+ anomaly maps)
     commit ``ChunkSink``, a Ray Data datasink                            -> records/chunk-<id>.parquet (+ maps/...)
 
@@ -38,7 +38,7 @@ from ecgad.atomic import write_json
 from ecgad.checkpoint import load_checkpoint, resolve_checkpoint
 from ecgad.inputs import input_kind
 from ecgad.log import get_logger
-from ecgad.ray.data import list_chunks
+from ecgad.ray.data import plan_chunks
 from ecgad.ray.scoring import scoring_pipeline
 from ecgad.results import scored_chunks, storable_maps
 
@@ -141,8 +141,7 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
     resuming = layout.check_or_write_job(job)
     removed = layout.remove_partial_files()
 
-    chunks = list_chunks(input_path, chunk_size).materialize()  # paths only, held in the object store
-    sizes = {row["chunk"]: row["n_paths"] for row in chunks.select_columns(["chunk", "n_paths"]).iter_rows()}
+    chunks, sizes = plan_chunks(input_path, chunk_size)  # paths only, held in the object store
     planned, n_inputs = set(sizes), sum(sizes.values())
     committed = layout.committed_chunks()
     if committed - planned:

@@ -5,8 +5,8 @@ Two forms of the input, for two kinds of job:
 
 - **record rows** (`inputs_dataset`, `prepare_shard_rows`): one row per record with the index columns carried along,
   for preprocessing, which writes one shard row per record;
-- **chunk rows** (`list_chunks`, `chunks_dataset`, `prepare_chunks`): one row per chunk of records, for scoring
-  (`ecgad.ray.scoring`), whose writer must hold whole chunks (`ecgad.results`).
+- **chunk rows** (`list_chunks`, `plan_chunks`, `chunks_dataset`, `prepare_chunks`): one row per chunk of records,
+  for scoring (`ecgad.ray.scoring`), whose writer must hold whole chunks (`ecgad.results`).
 
 Both prepare their records through `prepare_isolated`: a record whose preparation kills its worker process (the
 memory monitor or the kernel's OOM killer, a crash in a native library) gets a finite number of tries and then an
@@ -24,12 +24,14 @@ from typing import Any
 import pyarrow as pa
 import ray
 from ray.data import Dataset, FileShuffleConfig
+from ray.data.dataset import MaterializedDataset
 from ray.data.expressions import col
 
 from ecgad.config import PrepConfig
-from ecgad.inputs import chunk_rows, entries, listing_sources, source_chunks
+from ecgad.inputs import SLICE_SCHEMA, entries, slice_chunks, slices
 from ecgad.limits import LIMITS, InputLimits
 from ecgad.log import get_logger
+from ecgad.ray.listing import list_slices
 from ecgad.results import PREPARED_CHUNK_SCHEMA, table_to_ipc
 from ecgad.rows import prepare_path, status_row
 from ecgad.shards import ShardLayout, conform, rows_table
@@ -40,6 +42,10 @@ log = get_logger(__name__)
 #: enough to amortize a task's start (~ms) over the ~50 ms each record takes to prepare, few enough that a small data
 #: set still spreads over every CPU.
 RECORDS_PER_TASK = 16
+
+#: Slices (`ecgad.inputs.CHUNKS_PER_SLICE` chunks each) per task that turns slices into chunk rows: a tree of small
+#: folders gives one slice per folder, and hashing one costs well under a task's start.
+SLICES_PER_TASK = 16
 
 #: Memory (bytes) to reserve per prepare task: a worker with numpy/scipy loaded (~250 MB) plus its records' raw
 #: signals, intermediates (float64) and prepared rows, ~3 MB per 10 s record (`prepare_memory`). Besides keeping
@@ -131,15 +137,30 @@ def prepare_shard_rows(batch: pa.Table, cfg: PrepConfig = PrepConfig(), limits: 
 
 def list_chunks(input_path: Path, chunk_size: int) -> Dataset:
     """Any input (`ecgad.inputs.input_kind`) as a dataset of chunk rows ``{chunk, n_paths, paths, record_ids}``,
-    listed in Ray tasks: one per folder of a folder tree (the driver only walks folder names), one that streams a
-    manifest, one that reads a PTB-XL root's index."""
-    return ray.data.from_items(listing_sources(Path(input_path).resolve())).flat_map(
-        source_chunks, fn_kwargs={"chunk_size": chunk_size})
+    listed in Ray tasks (`ecgad.ray.listing.list_slices`: one per folder of a folder tree, one that streams a
+    manifest, one that reads a PTB-XL root's index), the driver holding only object refs."""
+    return _chunk_rows(ray.data.from_arrow_refs(list_slices(Path(input_path).resolve(), chunk_size)
+                                                or [ray.put(SLICE_SCHEMA.empty_table())]), chunk_size)
+
+
+def plan_chunks(input_path: Path, chunk_size: int) -> tuple[MaterializedDataset, dict[str, int]]:
+    """What archive scoring plans to do (`ecgad.ray.archive`): the chunk rows of ``input_path``, held in the object
+    store, and each chunk's number of records, the only part of the listing the driver holds."""
+    chunks = list_chunks(input_path, chunk_size).materialize()
+    sizes = {row["chunk"]: row["n_paths"] for row in chunks.select_columns(["chunk", "n_paths"]).iter_rows()}
+    return chunks, sizes
 
 
 def chunks_dataset(inputs: pa.Table, chunk_size: int) -> Dataset:
     """A list of inputs the driver already holds (`ecgad.inputs.list_inputs`) as a dataset of chunk rows."""
-    return ray.data.from_items(list(chunk_rows("inputs", entries(inputs), chunk_size)))
+    return _chunk_rows(ray.data.from_arrow(list(slices("inputs", [inputs], chunk_size))
+                                           or SLICE_SCHEMA.empty_table()), chunk_size)
+
+
+def _chunk_rows(slices_dataset: Dataset, chunk_size: int) -> Dataset:
+    """Slice rows -> chunk rows (`ecgad.inputs.slice_chunks`), `SLICES_PER_TASK` slices per task."""
+    return slices_dataset.map_batches(slice_chunks, batch_size=SLICES_PER_TASK, batch_format="pyarrow",
+                                      fn_kwargs={"chunk_size": chunk_size})
 
 
 def prepare_chunks(batch: pa.Table, cfg: PrepConfig, default_fs: float | None,
