@@ -13,11 +13,13 @@ achieved GFLOP/s (``oracle_gflops``, ``full_gflops``, ``fast_gflops``); the mach
 large matrix product in the scoring precision on the same device and threads, measured in the same run, before and
 after the scorers (the best of both), so that the fractions ``*_roof_fraction`` compare readings taken under the same
 load. ``--backend`` picks the `Scorer` backend; ``--precision bf16|fp16`` scores under ``torch.autocast``.
-``--profile`` also prints torch.profiler's per-operator table of one full and one fast call. ``--device cuda`` on a
+``--exported onnx|torchscript`` also exports the model (`ecgad.export`) and times `ecgad.export.ExportedScorer` on the
+same records (ONNX Runtime or TorchScript running the whole restoration pass per beat, the oracle's work, batched per
+window; ``exported_*`` keys, CPU only). ``--profile`` also prints torch.profiler's per-operator table of one full and one fast call. ``--device cuda`` on a
 machine without CUDA prints one JSON line with ``skipped`` and its reason, and exits 0.
 
     python bench/score.py [--device cuda] [--precision fp32|bf16|fp16] [--backend eager|compile]
-                          [--oracle-records 8] [--repeats 3] [--max-batch N] [--profile]
+                          [--oracle-records 8] [--repeats 3] [--max-batch N] [--profile] [--exported onnx]
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import argparse
 import contextlib
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -118,6 +122,23 @@ def _drift_vs_fp32(scorer: Scorer, records: list, device: torch.device, precisio
                                                   / np.abs(b.anomaly_map).max()) for a, b in pairs)}
 
 
+def _exported_path(model: MCF, subset: list, fmt: str, oracle_gflop: float, oracle_s: float, repeats: int
+                   ) -> dict[str, float]:
+    """ECG/s and GFLOP/s of `ExportedScorer` on ``subset`` (it does the oracle's matrix work: every beat, every
+    pass, the whole model), and its largest relative record-score difference from the eager `Scorer`."""
+    from ecgad.export import ExportedScorer, export_model
+
+    with tempfile.TemporaryDirectory(prefix="ecgad-bench-export-") as tmp:
+        exported = ExportedScorer(export_model(model, Path(tmp) / f"model.{fmt}", fmt))
+        exported.score_prepared(subset[:1])
+        seconds = best_seconds(lambda: exported.score_prepared(subset), repeats)
+        scores = exported.score_prepared(subset)
+    reference = [s.pred_score for s in Scorer(model, mode="full").score_prepared(subset, with_maps=False)]
+    return {"exported_format": fmt, "exported_ecg_per_s": len(subset) / seconds, "exported_gflops": oracle_gflop / seconds,
+            "ratio_exported_vs_oracle": oracle_s / seconds,
+            "exported_max_rel_score_diff": max(abs(a / b - 1) for a, b in zip(scores, reference, strict=True))}
+
+
 def _print_profile(name: str, run: Callable[[], object], device: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -138,6 +159,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print the per-operator profile of full and fast")
+    parser.add_argument("--exported", choices=["onnx", "torchscript"], default=None,
+                        help="also time the exported restoration pass (CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     reason = _unavailable(device, args.precision)
@@ -213,6 +236,8 @@ def main() -> None:
         "full_roof_fraction": full_gflop / full_s / roof,
         "fast_roof_fraction": fast_gflop / fast_s / roof,
     }
+    if args.exported and device.type == "cpu":
+        result.update(_exported_path(model, subset, args.exported, oracle_gflop, oracle_s, args.repeats))
     if args.precision != "fp32":
         result.update(_drift_vs_fp32(full, records, device, args.precision))
     for name in ("oracle", "scorer", "fast"):

@@ -1,6 +1,6 @@
 """`ecgad export` and `ecgad.export`: the exported scoring graph against the eager model and against the `Scorer`.
 
-A seeded small model with randomized BatchNorm statistics (as in tests/test_scoring.py), saved as a checkpoint and
+A seeded small model with randomized BatchNorm (tests/test_scoring.py), saved as a checkpoint and
 exported once per format through the command line; the ONNX cases need the ``export`` extra (onnx, onnxscript,
 onnxruntime) and are skipped with the reason when it is not installed.
 """
@@ -20,10 +20,11 @@ from ecgad.cli import main as cli_main
 from ecgad.config import PrepConfig
 from ecgad.export import ExportedScorer, RestorationPass, read_metadata
 from ecgad.io import read_record
-from ecgad.model import MCF, MCFConfig
+from ecgad.model import MCFConfig
 from ecgad.oracle import oracle_score_window
 from ecgad.preprocess import prepare
 from ecgad.scoring import Scorer
+from tests.test_scoring import _random_model
 
 RECORDS = ("ptbxl/records500/06000/06000_hr", "ptbxl/records100/00000/00017_lr",
            "other_12lead/ptbdb/s0010_re")   # 500 Hz; 100 Hz; 38.4 s at 1000 Hz (several windows)
@@ -37,13 +38,7 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = MCF(MCFConfig.small())
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm1d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+    model = _random_model(MCFConfig.small())
     return save_checkpoint(tmp_path_factory.mktemp("export") / "ckpt", model, model.config, PrepConfig(), 0.5)
 
 
