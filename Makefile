@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(PIP_FIND) "setuptools<81" wheel
 	$(PIP) $(PIP_FIND) "torch==2.13.0"
-	$(PIP) $(PIP_FIND) -e ".[test]"
+	$(PIP) $(PIP_FIND) -e ".[test,export]"
 	touch $(STAMP)
 
 test: install

@@ -171,6 +171,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# -- ecgad export -----------------------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ecgad.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.format)
+    print(f"exported {args.checkpoint} as {args.format} to {out}")
+    return 0
+
+
 # -- ecgad data download -----------------------------------------------------------------------------------------
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -251,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=float("nan"),
                    help="decision threshold (calibrate later with jobs.evaluate if unknown)")
     p.set_defaults(handler=cmd_import_checkpoint)
+
+    p = sub.add_parser("export", help="export a checkpoint's scoring graph for use outside Ray (ONNX, TorchScript)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_export)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("download", help="download a public dataset (resumable, checksum-verified)")

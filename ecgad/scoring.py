@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecgad.backends import check_backend, stages
 from ecgad.config import PrepConfig
 from ecgad.folded import FoldedMCF
 from ecgad.maps import smooth, stitch_window_maps, to_source_axis
@@ -189,7 +190,7 @@ class Scorer:
 
     def __init__(self, model: MCF, prep_config: PrepConfig = PrepConfig(), threshold: float = math.nan,
                  device: str | torch.device | None = None, mode: str = "full", max_batch: int | None = None,
-                 model_version: str | None = None) -> None:
+                 model_version: str | None = None, backend: str = "eager") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.device = torch.device(device) if device is not None else device_of(model)
@@ -200,15 +201,18 @@ class Scorer:
         #: (beat, pass) pairs per forward step; windows are taken ``max_batch // 3`` at a time.
         self.max_batch = int(max_batch or (512 if self.device.type == "cuda" else 32))
         self._model_version = model_version
+        #: "eager" (the reference) or "compile" (`ecgad.backends`: the same stages through torch.compile)
+        self.backend = check_backend(backend)
+        self._compiled: dict = {}
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None, mode: str = "full",
-                        max_batch: int | None = None) -> "Scorer":
+                        max_batch: int | None = None, backend: str = "eager") -> "Scorer":
         from ecgad.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(directory, device=device)
         return cls(checkpoint.model, checkpoint.prep_config, checkpoint.threshold, device=device, mode=mode,
-                   max_batch=max_batch, model_version=checkpoint.model_version)
+                   max_batch=max_batch, model_version=checkpoint.model_version, backend=backend)
 
     @property
     def model_version(self) -> str:
@@ -292,9 +296,9 @@ class Scorer:
         model.eval()
         try:
             with torch.inference_mode():
-                folded = FoldedMCF(model)
+                staged, folded = stages(self.backend, model, FoldedMCF(model), self._compiled)
                 per_group = max(1, self.max_batch // TEST_PASSES)
-                results = [_WindowGroup(model, folded, self.prep_config, windows[i:i + per_group], self.max_batch,
+                results = [_WindowGroup(staged, folded, self.prep_config, windows[i:i + per_group], self.max_batch,
                                         with_maps, self.device).score(fast=self.mode == "fast")
                            for i in range(0, len(windows), per_group)]
         finally:

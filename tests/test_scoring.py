@@ -180,3 +180,27 @@ def test_model_version_and_checkpoint_loading(model, tmp_path: Path, windows):
     with pytest.raises(ValueError, match="mode"):
         Scorer(model, mode="turbo")
     assert math.isnan(Scorer(model).threshold)
+
+
+# -- backends (ecgad.backends) ---------------------------------------------------------------------------------------
+
+def test_an_unknown_backend_is_refused(model):
+    with pytest.raises(ValueError, match="backend"):
+        Scorer(model, backend="tvm")
+
+
+@pytest.mark.slow
+def test_the_compiled_backend_gives_the_eager_scores(windows):
+    """torch.compile'd stages score as the eager reference (1e-4), over two calls (compiled once, reused), and
+    follow weights that change between calls. Full mode only: fast mode runs the same stage functions, and the first
+    compilation takes minutes on a small CPU machine."""
+    model = _random_model(MCFConfig.small())
+    eager = Scorer(model, max_batch=16)
+    compiled = Scorer(model, max_batch=16, backend="compile")
+    for _ in range(2):
+        expected_scores, expected_maps = eager.score_windows(windows[:2])
+        scores, maps = compiled.score_windows(windows[:2])
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
+        np.testing.assert_allclose(maps, expected_maps, rtol=1e-4, atol=1e-4 * float(expected_maps.max()))
+        with torch.no_grad():
+            model.local_decoder.main[0].weight.mul_(1.01)
