@@ -113,12 +113,9 @@ def _wait_ready(url: str, process: subprocess.Popen, deadline_s: float = 180.0) 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise StageFailed(f"the service exited early with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=5) as response:
+            if response.status == 200:
+                return
         time.sleep(2)
     raise StageFailed(f"the service at {url} was not ready within {deadline_s:.0f} s")
 
@@ -185,11 +182,6 @@ def _serve_and_score(stages: Stages, checkpoint: Path, data_root: Path, port: in
 
 # -- the batch stages ------------------------------------------------------------------------------------------------
 
-def _count_records(data_root: Path) -> int:
-    with open(data_root / "ptbxl_database.csv", newline="") as f:
-        return sum(1 for _ in csv.DictReader(f))
-
-
 def _data(stages: Stages, out: Path) -> Path:
     stages.begin("data")
     real = os.environ.get("ECGAD_DATA")
@@ -203,7 +195,9 @@ def _data(stages: Stages, out: Path) -> Path:
             stages.run([PY, "-m", "ecgad.cli", "synth", "--out", str(data_root), "--n", "300", "--seed", "0",
                         "--anomaly-fraction", "0.3"], summary=False)
             how = "synthetic records, 30 % with anomalies"
-    stages.report("data", f"{_count_records(data_root)} {how}", _shown(data_root))
+    with open(data_root / "ptbxl_database.csv", newline="") as f:
+        n_records = sum(1 for _ in csv.DictReader(f))
+    stages.report("data", f"{n_records} {how}", _shown(data_root))
     return data_root
 
 
