@@ -70,15 +70,10 @@ def write_parquet(final: str | Path, table: Any, compression: str = "zstd") -> N
 def remove_temporaries(folder: str | Path) -> int:
     """Delete the temporaries a killed writer left in ``folder``; returns how many. Only safe when no other writer
     is working in that folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(TMP_SUFFIX):
-            (folder / name).unlink(missing_ok=True)
-            removed += 1
-    return removed
+    temporaries = list(Path(folder).glob(f".*{TMP_SUFFIX}"))
+    for path in temporaries:
+        path.unlink(missing_ok=True)
+    return len(temporaries)
 
 
 def temporary_directory(final: str | Path) -> Path:

@@ -101,10 +101,6 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 # -- ecgad score -------------------------------------------------------------------------------------------------
 
-def _plot_path(base: Path, record_id: str, several: bool) -> Path:
-    return base.with_name(f"{base.stem}_{record_id}{base.suffix}") if several else base
-
-
 def _read_and_score(scorer: Scorer, paths: list[Path]) -> dict[Path, tuple[Record | None, Scores | Rejection]]:
     """Each path's ``(record, Scores)``, or ``(None, Rejection)`` where it cannot be read; the readable records are
     scored in one call, so they share batches."""
@@ -136,8 +132,9 @@ def _write_outputs(args: argparse.Namespace, path: Path, record: Record, scores:
     if args.plot:
         from ecgad.plot import plot_ecg, verdict_title
 
+        base = Path(args.plot)
         plot_ecg(record.signal, record.fs, anomaly_map=scores.anomaly_map, title=verdict_title(path.stem, scores),
-                 out=_plot_path(Path(args.plot), path.stem, several))
+                 out=base.with_name(f"{base.stem}_{path.stem}{base.suffix}") if several else base)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -184,12 +181,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- ecgad data download -----------------------------------------------------------------------------------------
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from ecgad.download import download_ptbxl
+    from ecgad.download import PHYSIONET_PTBXL_URL, download_ptbxl
 
-    kwargs = {"rate": args.rate, "limit": args.limit}
-    if args.base_url:
-        kwargs["base_url"] = args.base_url
-    root = download_ptbxl(Path(args.out), **kwargs)
+    root = download_ptbxl(Path(args.out), rate=args.rate, limit=args.limit,
+                          base_url=args.base_url or PHYSIONET_PTBXL_URL)
     print(f"PTB-XL ({args.rate} Hz) ready at {root}")
     return 0
 
@@ -209,10 +204,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score_archive(args: argparse.Namespace, rest: Sequence[str]) -> int:
+def cmd_score_archive(args: argparse.Namespace) -> int:
     from jobs.score_archive import main as score_archive_main
 
-    return int(score_archive_main(list(rest)) or 0)
+    return int(score_archive_main(args.rest) or 0)
 
 
 # -- parser ------------------------------------------------------------------------------------------------------
@@ -290,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score-archive", add_help=False,
                        help="score an archive with Ray Data (same options as python -m jobs.score_archive)")
-    p.set_defaults(handler=cmd_score_archive, passthrough=True)
+    p.set_defaults(handler=cmd_score_archive)
     return parser
 
 
@@ -301,11 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "passthrough", False):
+    if rest and args.handler is not cmd_score_archive:   # only score-archive passes options on (to its job)
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
-        if getattr(args, "passthrough", False):
-            return args.handler(args, rest)
         return args.handler(args)
     except (CLIError, Rejection, FileNotFoundError, CheckpointError, DownloadError) as err:
         print(f"ecgad {args.command}: error: {err}", file=sys.stderr)

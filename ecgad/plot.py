@@ -117,7 +117,6 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     col_s = print_s / len(LAYOUT[0])
     # Each lead sits on its row baseline, centred on its median so baseline offsets do not push it off the row.
     centred = signal - np.median(signal, axis=1, keepdims=True)
-    index = {name: i for i, name in enumerate(lead_names)}
     vmax = float(anomaly_map.max()) if anomaly_map is not None and anomaly_map.max() > 0 else 1.0
     n_rows = len(LAYOUT) + 1
     t0, t1 = -CAL_SECONDS, max(duration, print_s)
@@ -139,7 +138,7 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
         ax.plot(cal_t, baseline + np.array([0, 0, 1, 1, 0, 0]), color=TRACE_COLOR, linewidth=0.8, zorder=3)
         for col, name in enumerate(names):
             start, stop = int(round(col * seg_s * fs)), min(n, int(round((col + 1) * seg_s * fs)))
-            lead = index[name]
+            lead = lead_names.index(name)
             heat = anomaly_map[lead, start:stop] if anomaly_map is not None else None
             _draw_segment(ax, np.arange(start, stop) / fs, centred[lead, start:stop], baseline, heat, vmax)
             ax.text(col * seg_s + 0.05, baseline + 0.9, name, fontsize=9, fontweight="bold", zorder=4,

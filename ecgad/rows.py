@@ -64,24 +64,8 @@ def prepared_to_row(prepared: Prepared) -> dict[str, Any]:
 
 def rejection_to_row(record_id: str, rejection: Rejection) -> dict[str, Any]:
     """A status row for a record that could not be prepared; same columns as `prepared_to_row`, empty payload."""
-    return {
-        "record_id": record_id,
-        "status": "rejected",
-        "reason": rejection.reason,
-        "n_samples_model": 0,
-        "source_fs": 0.0,
-        "source_samples": 0,
-        "window_offsets": [],
-        "window_len": 0,
-        "signals": b"",
-        "peak_counts": [],
-        "peaks": [],
-        "beat_counts": [],
-        "beat_peaks": [],
-        "beat_len": 0,
-        "beats": b"",
-        "metadata_json": "{}",
-    }
+    empty = prepared_to_row(Prepared(record_id, windows=[], n_samples_model=0, source_fs=0.0, source_samples=0))
+    return {**empty, "status": "rejected", "reason": rejection.reason}
 
 
 def _split(values: Any, counts: list[int]) -> list[np.ndarray]:

@@ -244,13 +244,10 @@ class Scorer:
                 raise Rejection("no_beats", record.record_id)
         window_scores, window_maps = self._score_windows([w for record in prepared for w in record.windows],
                                                          with_maps)
-        results, first = [], 0
-        for record in prepared:
-            last = first + len(record.windows)
-            results.append(self._record_scores(record, window_scores[first:last],
-                                               None if window_maps is None else window_maps[first:last]))
-            first = last
-        return results
+        bounds = np.cumsum([len(record.windows) for record in prepared])[:-1]
+        maps = [None] * len(prepared) if window_maps is None else np.split(window_maps, bounds)
+        return [self._record_scores(record, scores, record_maps)
+                for record, scores, record_maps in zip(prepared, np.split(window_scores, bounds), maps)]
 
     def score_records(self, records: Sequence[Record], with_maps: bool = True) -> list[Scores | Rejection]:
         """Prepare and score raw records; a record that cannot be prepared comes back as its `Rejection`, in place,

@@ -20,6 +20,7 @@ tests/test_train.py).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -61,18 +62,6 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _last_json(lines: list[str]) -> dict[str, Any] | None:
-    for line in reversed(lines):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
-
-
 class Stages:
     """Numbers the stages, runs their commands with all output in one log file, and reports one line each."""
 
@@ -80,20 +69,18 @@ class Stages:
         self.log_path = log_path
         self.log_file: IO[str] = open(log_path, "a", buffering=1)
         self.number = 0
+        self.started = 0.0
 
-    def close(self) -> None:
-        self.log_file.close()
-
-    def begin(self, title: str) -> float:
+    def begin(self, title: str) -> None:
         self.number += 1
+        self.started = time.perf_counter()
         self.log_file.write(f"\n=== [{self.number}/{N_STAGES}] {title} ({time.strftime('%H:%M:%S')})\n")
-        return time.perf_counter()
 
-    def report(self, name: str, result: str, where: str, started: float) -> None:
+    def report(self, name: str, result: str, where: str) -> None:
         log.info("[%d/%d] %-10s %s -> %s (%s)", self.number, N_STAGES, name, result, where,
-                 _duration(time.perf_counter() - started))
+                 _duration(time.perf_counter() - self.started))
 
-    def run(self, argv: list[str]) -> dict[str, Any] | None:
+    def run(self, argv: list[str], summary: bool = True) -> dict[str, Any]:
         """Run ``argv`` with its stdout and stderr appended to the log; its summary (last JSON line on stdout)."""
         self.log_file.write(f"$ {shlex.join(argv)}\n")
         lines: list[str] = []
@@ -105,7 +92,14 @@ class Stages:
                 del lines[:-TAIL_LINES]      # the summary is the last line; keep memory flat on chatty stages
         if process.returncode:
             raise StageFailed(f"`{shlex.join(argv[:3])} ...` exited with code {process.returncode}")
-        return _last_json(lines)
+        for line in reversed(lines):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    return value
+        if summary:
+            raise StageFailed(f"{argv[2]} printed no JSON summary as its last line")
+        return {}
 
     def tail(self) -> str:
         self.log_file.flush()
@@ -119,12 +113,9 @@ def _wait_ready(url: str, process: subprocess.Popen, deadline_s: float = 180.0) 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise StageFailed(f"the service exited early with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=5) as response:
+            if response.status == 200:
+                return
         time.sleep(2)
     raise StageFailed(f"the service at {url} was not ready within {deadline_s:.0f} s")
 
@@ -137,10 +128,9 @@ def _post(url: str, body: bytes, content_type: str) -> dict:
 
 def _multipart(files: dict[str, bytes]) -> tuple[bytes, str]:
     boundary = "ecgad-demo-boundary"
-    parts = []
-    for name, content in files.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+    parts = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
+             for name, content in files.items())
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -173,7 +163,7 @@ def _score_over_http(url: str, data_root: Path, stages: Stages) -> str:
 
 def _serve_and_score(stages: Stages, checkpoint: Path, data_root: Path, port: int) -> None:
     """Start `ecgad serve`, score two records over HTTP, shut it down."""
-    started = stages.begin("online scoring service")
+    stages.begin("online scoring service")
     url = f"http://127.0.0.1:{port}"
     argv = [str(Path(PY).with_name("ecgad")), "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     stages.log_file.write(f"$ {shlex.join(argv)}\n")
@@ -187,18 +177,13 @@ def _serve_and_score(stages: Stages, checkpoint: Path, data_root: Path, port: in
             service.wait(timeout=60)
         except subprocess.TimeoutExpired:
             service.kill()
-    stages.report("serve", result, f"{url}/ (stopped now)", started)
+    stages.report("serve", result, f"{url}/ (stopped now)")
 
 
 # -- the batch stages ------------------------------------------------------------------------------------------------
 
-def _count_records(data_root: Path) -> int:
-    with open(data_root / "ptbxl_database.csv", newline="") as f:
-        return sum(1 for _ in csv.DictReader(f))
-
-
 def _data(stages: Stages, out: Path) -> Path:
-    started = stages.begin("data")
+    stages.begin("data")
     real = os.environ.get("ECGAD_DATA")
     if real:
         data_root = Path(real).resolve()
@@ -208,62 +193,57 @@ def _data(stages: Stages, out: Path) -> Path:
         how = "synthetic records (reused)"
         if not (data_root / "ptbxl_database.csv").is_file():
             stages.run([PY, "-m", "ecgad.cli", "synth", "--out", str(data_root), "--n", "300", "--seed", "0",
-                        "--anomaly-fraction", "0.3"])
+                        "--anomaly-fraction", "0.3"], summary=False)
             how = "synthetic records, 30 % with anomalies"
-    stages.report("data", f"{_count_records(data_root)} {how}", _shown(data_root), started)
+    with open(data_root / "ptbxl_database.csv", newline="") as f:
+        n_records = sum(1 for _ in csv.DictReader(f))
+    stages.report("data", f"{n_records} {how}", _shown(data_root))
     return data_root
 
 
-def _require(summary: dict | None, argv_name: str) -> dict:
-    if summary is None:
-        raise StageFailed(f"{argv_name} printed no JSON summary as its last line")
-    return summary
-
-
 def _preprocess(stages: Stages, data_root: Path, shards: Path) -> None:
-    started = stages.begin("preprocess (Ray Data -> Parquet shards)")
-    manifest = _require(stages.run([PY, "-m", "jobs.preprocess", "--data", str(data_root), "--out", str(shards)]),
-                        "jobs.preprocess")
+    stages.begin("preprocess (Ray Data -> Parquet shards)")
+    manifest = stages.run([PY, "-m", "jobs.preprocess", "--data", str(data_root), "--out", str(shards)])
     counts = manifest["counts"]
     stages.report("preprocess", f"{counts['ok']} prepared, {counts['rejected']} rejected, "
-                  f"{counts['train_normals']} training normals", _shown(shards), started)
+                  f"{counts['train_normals']} training normals", _shown(shards))
 
 
 def _train(stages: Stages, shards: Path, run: Path, epochs: str) -> Path:
-    started = stages.begin("train (Ray Train, 2 workers)")
-    summary = _require(stages.run(
+    stages.begin("train (Ray Train, 2 workers)")
+    summary = stages.run(
         [PY, "-m", "jobs.train", "--data", str(shards), "--out", str(run), "--num-workers", "2",
          "--cpus-per-worker", "0.5", "--config", "small", "--epochs", epochs, "--batch-size", "8", "--lr", "1e-3",
-         "--name", "demo"]), "jobs.train")
+         "--name", "demo"])
     best = summary["best"]
     metric = str(best["selected_by"]).removeprefix("val_").replace("auroc", "AUROC")
     stages.report("train", f"fold-9 {metric} {best['value']:.3f} at epoch {best['epoch']} of {len(summary['epochs'])}",
-                  _shown(Path(best["checkpoint"])), started)
+                  _shown(Path(best["checkpoint"])))
     return Path(best["checkpoint"])
 
 
 def _evaluate(stages: Stages, checkpoint: Path, data_root: Path, evaluation: Path) -> None:
-    started = stages.begin("evaluate (Ray Data batch inference on fold 10)")
-    summary = _require(stages.run(
+    stages.begin("evaluate (Ray Data batch inference on fold 10)")
+    summary = stages.run(
         [PY, "-m", "jobs.evaluate", "--checkpoint", str(checkpoint), "--data", str(data_root), "--fold", "10",
-         "--out", str(evaluation)]), "jobs.evaluate")
+         "--out", str(evaluation)])
     auroc = summary["metrics"]["record_auroc"]
     low, high = auroc["ci95"]
     value = "n/a" if auroc["value"] is None else f"{auroc['value']:.3f}"
     interval = "" if low is None else f" [{low:.3f}, {high:.3f}]"
     stages.report("evaluate", f"fold-10 AUROC {value}{interval} over {summary['records']} records",
-                  _shown(evaluation / "metrics.json"), started)
+                  _shown(evaluation / "metrics.json"))
 
 
 def _score_archive(stages: Stages, checkpoint: Path, data_root: Path, archive: Path) -> None:
-    started = stages.begin("score an archive (Ray Data, every record accounted for)")
-    summary = _require(stages.run(
+    stages.begin("score an archive (Ray Data, every record accounted for)")
+    summary = stages.run(
         [PY, "-m", "jobs.score_archive", "--input", str(data_root), "--checkpoint", str(checkpoint),
-         "--out", str(archive), "--mode", "fast"]), "jobs.score_archive")
+         "--out", str(archive), "--mode", "fast"])
     by_status = ", ".join(f"{count} {status}" for status, count in sorted(summary["by_status"].items()))
     rate = summary.get("records_per_s")
     stages.report("archive", f"{summary['records']}/{summary['inputs']} records ({by_status})"
-                  + (f", {rate:.1f} records/s" if rate else ""), _shown(archive), started)
+                  + (f", {rate:.1f} records/s" if rate else ""), _shown(archive))
 
 
 def main() -> int:
@@ -287,7 +267,7 @@ def main() -> int:
                   _shown(stages.log_path), stages.tail())
         return 1
     finally:
-        stages.close()
+        stages.log_file.close()
     log.info("done in %s; full output in %s; `ecgad serve --checkpoint %s` serves the model",
              _duration(time.perf_counter() - started), _shown(stages.log_path), _shown(checkpoint))
     return 0

@@ -35,10 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from ecgad.io import read_npy_array
-from ecgad.io import read_record, record_from_array
-from ecgad.formats import SNIFF_BYTES, sniff_bytes
-from ecgad.formats import SUFFIXES as FORMAT_SUFFIXES
+from ecgad.formats import SNIFF_BYTES, sniff_bytes, SUFFIXES as FORMAT_SUFFIXES
+from ecgad.io import read_npy_array, read_record, record_from_array
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
 from ecgad.plot import plot_ecg, verdict_title
@@ -257,9 +255,7 @@ def parse_map_spec(spec: str) -> int | None:
     match = _MAP_SPEC.match(spec)
     if match is None:
         raise ValueError(f"map must be auto, none, full or downsample=N, got {spec!r}")
-    if match.group(1) in ("none", "auto"):
-        return None if match.group(1) == "none" else AUTO_MAP
-    return int(match.group(2)) if match.group(2) else 1
+    return int(match.group(2)) if match.group(2) else {"none": None, "auto": AUTO_MAP, "full": 1}[match.group(1)]
 
 
 def bounded_map_step(step: int, n_columns: int) -> int:
@@ -276,13 +272,8 @@ def shape_map(anomaly_map: np.ndarray, step: int) -> np.ndarray:
     if step == 1:
         return anomaly_map
     leads, samples = anomaly_map.shape
-    pad = (-samples) % step
-    padded = np.pad(anomaly_map, ((0, 0), (0, pad)), mode="edge") if pad else anomaly_map
+    padded = np.pad(anomaly_map, ((0, 0), (0, (-samples) % step)), mode="edge")
     return padded.reshape(leads, -1, step).max(axis=2)
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str, Any]:
@@ -301,7 +292,7 @@ def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str
         "record_id": scores.record_id,
         "pred_score": float(scores.pred_score),
         "pred_label": bool(scores.pred_label),
-        "threshold": _finite(scores.threshold),
+        "threshold": float(scores.threshold) if math.isfinite(scores.threshold) else None,
         "anomaly_map": anomaly_map,
         "map_step": step if anomaly_map is not None else None,
         "r_peaks": [int(r) for r in scores.r_peaks],
