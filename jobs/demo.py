@@ -139,8 +139,8 @@ def _verdict(response: dict) -> str:
 
 
 def _score_over_http(url: str, data_root: Path, stages: Stages) -> str:
-    """Score a synthetic PVC record (binary NPY body) and the first WFDB record of ``data_root`` (multipart)."""
-    from ecgad.io import read_record
+    """Score a synthetic PVC record (binary NPY body) and the first WFDB record of ``data_root`` (multipart: its
+    header and the ``.dat`` signal file PTB-XL headers name)."""
     from ecgad.ptbxl import load_ptbxl_index
     from ecgad.synth import generate_ecg
 
@@ -151,8 +151,7 @@ def _score_over_http(url: str, data_root: Path, stages: Stages) -> str:
     pvc = _post(f"{url}/v1/score?fs={synthetic.fs:g}&lead_names={leads}&map=downsample=10", buffer.getvalue(),
                 "application/x-npy")
     header = data_root / f"{load_ptbxl_index(data_root).iloc[0]['record_path']}.hea"
-    record = read_record(header)
-    signal_file = Path(record.metadata.get("signal_file", header.with_suffix(".dat")))
+    signal_file = header.with_suffix(".dat")
     body, content_type = _multipart({header.name: header.read_bytes(), signal_file.name: signal_file.read_bytes()})
     wfdb = _post(f"{url}/v1/score?map=none", body, content_type)
     for name, response in (("synthetic PVC record", pvc), (header.name, wfdb)):
