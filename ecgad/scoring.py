@@ -227,10 +227,6 @@ class Scorer:
 
     # -- public entry points --
 
-    def score_windows(self, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
-        """Window scores ``(n,)`` and maps ``(n, 12, 4800)`` (samples 100..4900 of each window, as the oracle)."""
-        return self._score_windows(windows, with_maps=True)
-
     def score_prepared(self, prepared: Sequence[Prepared], with_maps: bool = True) -> list[Scores]:
         """One `Scores` per prepared record, all windows of all records scored in shared batches.
 
@@ -242,8 +238,8 @@ class Scorer:
         for record in prepared:
             if record.n_beats == 0:
                 raise Rejection("no_beats", record.record_id)
-        window_scores, window_maps = self._score_windows([w for record in prepared for w in record.windows],
-                                                         with_maps)
+        window_scores, window_maps = self.score_windows([w for record in prepared for w in record.windows],
+                                                        with_maps)
         bounds = np.cumsum([len(record.windows) for record in prepared])[:-1]
         maps = [None] * len(prepared) if window_maps is None else np.split(window_maps, bounds)
         return [self._record_scores(record, scores, record_maps)
@@ -284,7 +280,10 @@ class Scorer:
                       beats_used=record.n_beats, windows_scored=len(record.windows),
                       warnings=list(record.metadata.get("warnings", [])))
 
-    def _score_windows(self, windows: Sequence[Window], with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def score_windows(self, windows: Sequence[Window], with_maps: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Window scores ``(n,)`` and maps ``(n, 12, 4800)`` (samples 100..4900 of each window, as the oracle; None
+        without ``with_maps``)."""
         for window in windows:
             if window.n_beats == 0:
                 raise Rejection("no_beats", f"window at sample {window.offset}")
