@@ -78,11 +78,8 @@ def record_auprc(labels, scores) -> float:
 def sensitivity_specificity(labels, scores, threshold: float) -> tuple[float, float]:
     """``(sensitivity, specificity)`` of the rule ``score > threshold``; each NaN when its class is absent."""
     y, s = _labels_scores(labels, scores)
-    pred = s > threshold
-    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    sens = float((pred & (y == 1)).sum() / n_pos) if n_pos else math.nan
-    spec = float((~pred & (y == 0)).sum() / n_neg) if n_neg else math.nan
-    return sens, spec
+    called = [(s > threshold)[y == 1], (s <= threshold)[y == 0]]   # abnormal called abnormal, normal called normal
+    return tuple(float(right.mean()) if right.size else math.nan for right in called)
 
 
 def calibrate_threshold(normal_scores, quantile: float = 0.95) -> float:

@@ -37,6 +37,13 @@ from ecgad.types import Prepared, Record, Rejection, Scores, Window
 MODES = ("full", "fast")
 
 
+def record_score(windows: Sequence[Window], window_scores: Sequence[float]) -> float:
+    """A record's score from its windows' scores: the mean over every beat of every window (a window weighs its
+    beats; beats in overlapping windows count in each)."""
+    n_beats = np.array([w.n_beats for w in windows], dtype=np.float64)
+    return float(np.dot(window_scores, n_beats) / n_beats.sum())
+
+
 class _Accumulator:
     """Per-window sums of the restoration errors and maps of one group of windows, on the scoring device."""
 
@@ -131,16 +138,14 @@ class _WindowGroup:
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(x[chunk]) for chunk in self._chunks(len(x))])
 
-    def _encode_trend(self, signal: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_trend(trend(signal))
-
     def _encode_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Once per window and pass: the masked global latent ``f_g`` (by global row). Once per window (or per
         window and pass when the trend sees the masked signal): the trend latent's share of the trend decoder's
         first layer."""
         global_masked = (self.x[:, None] * self.keep_global[:, None]).flatten(0, 1)
         f_g = self._batched(self.model.encode_global, global_masked)
-        f_t = self._batched(self._encode_trend, global_masked if self.trend_from_masked else self.x)
+        f_t = self._batched(lambda signal: self.model.encode_trend(trend(signal)),
+                            global_masked if self.trend_from_masked else self.x)
         return f_g, self.folded.trend_share(f_t)
 
     def _score_beats(self, pairs: slice) -> torch.Tensor:
@@ -266,8 +271,7 @@ class Scorer:
     def _record_scores(self, record: Prepared, window_scores: np.ndarray, window_maps: np.ndarray | None) -> Scores:
         """A record's `Scores` from its windows' scores and maps, on the input's own time axis."""
         fs = self.prep_config.fs
-        n_beats = np.array([w.n_beats for w in record.windows], dtype=np.float64)
-        score = float(np.dot(window_scores, n_beats) / n_beats.sum())
+        score = record_score(record.windows, window_scores)
         anomaly_map = None
         if window_maps is not None:
             stitched = stitch_window_maps(window_maps, [w.offset for w in record.windows], record.n_samples_model,

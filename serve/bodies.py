@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ecgad.formats import SNIFF_BYTES, sniff_bytes, SUFFIXES as FORMAT_SUFFIXES
-from ecgad.io import read_npy_array, read_record, record_from_array
+from ecgad.io import RECORD_SUFFIXES, read_npy_array, read_record, record_from_array
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
 from ecgad.plot import plot_ecg, verdict_title
@@ -59,9 +59,9 @@ FILE_TYPES = frozenset({"application/octet-stream", "application/dicom", "applic
 #: Upload suffixes written to disk for `read_record`; anything else in a multipart body is refused, so a client
 #: cannot make the service write arbitrary files.
 _FORMAT_SUFFIXES = frozenset(FORMAT_SUFFIXES.values())
-UPLOAD_SUFFIXES = frozenset({".hea", ".dat", ".mat", ".xyz", ".csv", ".npy", ".npz"}) | _FORMAT_SUFFIXES
+UPLOAD_SUFFIXES = RECORD_SUFFIXES | {".dat", ".mat", ".xyz"} | _FORMAT_SUFFIXES
 #: Files that are a record on their own (WFDB signal files need their ``.hea``).
-_RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz", *sorted(_FORMAT_SUFFIXES))
+_RECORD_SUFFIXES = tuple(RECORD_SUFFIXES | _FORMAT_SUFFIXES)
 #: Files per multipart body (a WFDB record has a header and one or a few signal files).
 MAX_UPLOAD_FILES = 16
 
