@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,10 +57,7 @@ def _duration(seconds: float) -> str:
 
 def _shown(path: Path) -> str:
     """``path`` relative to the working directory where it lies below it (what a person types), else absolute."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 class Stages:
@@ -83,13 +81,12 @@ class Stages:
     def run(self, argv: list[str], summary: bool = True) -> dict[str, Any]:
         """Run ``argv`` with its stdout and stderr appended to the log; its summary (last JSON line on stdout)."""
         self.log_file.write(f"$ {shlex.join(argv)}\n")
-        lines: list[str] = []
+        lines: deque[str] = deque(maxlen=TAIL_LINES)   # the summary is the last line; memory stays flat
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log_file, text=True, bufsize=1) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 self.log_file.write(line)
                 lines.append(line)
-                del lines[:-TAIL_LINES]      # the summary is the last line; keep memory flat on chatty stages
         if process.returncode:
             raise StageFailed(f"`{shlex.join(argv[:3])} ...` exited with code {process.returncode}")
         for line in reversed(lines):
