@@ -96,8 +96,7 @@ def _onnx_bytes(graph: RestorationPass, example: tuple[torch.Tensor, ...], metad
     entries = {METADATA_KEY: json.dumps(metadata), "model_version": metadata["model_version"],
                "prep_config": json.dumps(metadata["prep_config"])}
     for key, value in entries.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
+        proto.metadata_props.add(key=key, value=value)
     return proto.SerializeToString()
 
 

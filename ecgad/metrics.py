@@ -270,12 +270,9 @@ def _localization(y: np.ndarray, maps, masks, map_threshold: float | None, quant
     # Bootstrap over the annotated records only: map each resample of all records onto their Dice values.
     position = np.cumsum(annotated) - 1
 
-    def mean_of(values: np.ndarray) -> Callable[[np.ndarray], float]:
-        def stat(idx: np.ndarray) -> float:
+    for name, values in (("dice", dice), ("iou", iou)):
+        def stat(idx: np.ndarray, values: np.ndarray = values) -> float:
             chosen = idx[annotated[idx]]
             return float(values[position[chosen]].mean()) if chosen.size else math.nan
-        return stat
-
-    out["dice"] = _entry(float(dice.mean()), ci(mean_of(dice)))
-    out["iou"] = _entry(float(iou.mean()), ci(mean_of(iou)))
+        out[name] = _entry(float(values.mean()), ci(stat))
     return out

@@ -51,8 +51,7 @@ class _Accumulator:
         zeros = dict(dtype=torch.float64, device=device)
         self.global_error, self.global_count = torch.zeros(n_windows, **zeros), torch.zeros(n_windows, **zeros)
         self.local_error, self.local_count = torch.zeros(n_windows, **zeros), torch.zeros(n_windows, **zeros)
-        self.cfg = cfg
-        self.with_maps = with_maps
+        self.cfg, self.with_maps = cfg, with_maps
         if with_maps:
             self.global_map = torch.zeros(n_windows, cfg.global_len, n_leads, device=device)
             self.local_map = torch.zeros(n_windows * cfg.window, n_leads, device=device)   # whole windows, flattened

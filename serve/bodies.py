@@ -139,8 +139,7 @@ def record_from_json(body: bytes) -> Record:
         raise Rejection("bad_file", "json", f"the body is not valid JSON: {err}") from None
     if not isinstance(payload, dict):
         raise Rejection("bad_file", "json", "the body must be a JSON object with signal, fs and lead_names")
-    signal = payload.get("signal")
-    if not isinstance(signal, list):
+    if not isinstance(signal := payload.get("signal"), list):
         raise Rejection("bad_shape", "signal", "signal must be a list of lists (leads x samples)")
     try:
         envelope = ScoreRequest.model_validate({**payload, "signal": []})
