@@ -18,7 +18,6 @@ exactly the committed chunks.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +70,7 @@ class ArchiveLayout:
 
     def committed_chunks(self) -> set[str]:
         """Ids of the chunks whose records file is in place (the records file is the commit marker)."""
-        if not self.records.is_dir():
-            return set()
-        return {name[len("chunk-"):-len(".parquet")] for name in os.listdir(self.records)
-                if name.startswith("chunk-") and name.endswith(".parquet")}
+        return {path.name[len("chunk-"):-len(".parquet")] for path in self.records.glob("chunk-*.parquet")}
 
     def remove_partial_files(self) -> int:
         """Delete temporaries a killed run left behind; returns how many. Only safe with one job per output."""

@@ -20,6 +20,7 @@ import csv
 import hashlib
 import http.client
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -165,17 +166,13 @@ class _Fetcher:
             part.unlink()
             return self.transfer(rel, part)
         with response, open(part, "ab" if offset and response.status == 206 else "wb") as f:
-            _copy(response, f)
+            shutil.copyfileobj(response, f, _CHUNK)
 
     def fetch_whole(self, rel: str, dest: Path) -> None:
         """Download ``rel`` to ``dest`` atomically, in one go (nothing to resume or verify it against)."""
         with self.open(rel) as response, atomic_file(dest) as f:
-            _copy(response, f)
+            shutil.copyfileobj(response, f, _CHUNK)
 
-
-def _copy(response, f) -> None:
-    while chunk := response.read(_CHUNK):
-        f.write(chunk)
 
 def download_ptbxl(out: str | Path, rate: int = 500, limit: int | None = None,
                    base_url: str = PHYSIONET_PTBXL_URL, *, workers: int = 8, progress: bool = True) -> Path:

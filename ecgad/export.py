@@ -31,6 +31,7 @@ from ecgad.maps import smooth
 from ecgad.masks import TEST_PASSES, eval_masks
 from ecgad.model import MCF
 from ecgad.objective import global_error_map, local_error_map, pass_errors
+from ecgad.scoring import record_score
 from ecgad.types import Prepared, Rejection, Window
 
 FORMATS = ("onnx", "torchscript")
@@ -95,8 +96,7 @@ def _onnx_bytes(graph: RestorationPass, example: tuple[torch.Tensor, ...], metad
     entries = {METADATA_KEY: json.dumps(metadata), "model_version": metadata["model_version"],
                "prep_config": json.dumps(metadata["prep_config"])}
     for key, value in entries.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
+        proto.metadata_props.add(key=key, value=value)
     return proto.SerializeToString()
 
 
@@ -201,10 +201,6 @@ class ExportedScorer:
         return float(errors.astype(np.float64).mean()), smooth(anomaly)
 
     def score_prepared(self, prepared: Sequence[Prepared]) -> list[float]:
-        """The record score of each prepared record."""
-        scores = []
-        for record in prepared:
-            window_scores = np.array([self.score_window(w)[0] for w in record.windows])
-            n_beats = np.array([w.n_beats for w in record.windows], dtype=np.float64)
-            scores.append(float(np.dot(window_scores, n_beats) / n_beats.sum()))
-        return scores
+        """The record score of each prepared record (`ecgad.scoring.record_score` of its windows' scores)."""
+        return [record_score(record.windows, [self.score_window(w)[0] for w in record.windows])
+                for record in prepared]

@@ -162,11 +162,10 @@ def record_from_array(signal: Any, fs: float, lead_names: Sequence[str] | None =
         raise Rejection("bad_file", "non_numeric", f"signal values are {array.dtype}, not numbers")
     if array.ndim != 2:
         raise Rejection("bad_shape", "ndim", f"signal must be 2-D (leads, samples), got shape {array.shape}")
-    names = tuple(lead_names) if lead_names is not None else None
-    n_leads = len(names) if names is not None else len(LEADS)
-    if array.shape[0] != n_leads and array.shape[1] == n_leads:
+    names = tuple(lead_names) if lead_names is not None else LEADS
+    if array.shape[0] != len(names) and array.shape[1] == len(names):
         array = array.T
-    return _assemble(array, fs, names if names is not None else LEADS, record_id, metadata or {}, limits)
+    return _assemble(array, fs, names, record_id, metadata or {}, limits)
 
 
 def _assemble(signal: np.ndarray, fs: float, lead_names: Sequence[str | None], record_id: str,
@@ -210,7 +209,12 @@ def _read_wfdb(header_path: Path, fs: float | None, lead_names: Sequence[str] | 
     if isinstance(header, wfdb.MultiRecord):
         raise Rejection("bad_file", "multi_segment", "multi-segment WFDB records are not supported")
     rate = _resolve_fs(_header_fs(header_path), fs)
-    _check_signal_count(header)
+    if not header.n_sig:
+        raise Rejection("bad_file", "no_signals", "the header declares no signals")
+    # wfdb parses the signal lines present, whatever the record line says (and none at all leaves ``file_name`` None)
+    if header.n_sig != len(header.file_name or ()):
+        raise Rejection("header_mismatch", "channels", f"the record line declares {header.n_sig} signals, the "
+                                                       f"signal lines {len(header.file_name or ())}")
     limits.check_channels(header.n_sig)
     values_per_sample = sum(spf or 1 for spf in header.samps_per_frame or [])
     if header.sig_len:                        # what the header declares is refused before the files are looked at
@@ -246,16 +250,6 @@ def _header_fs(header_path: Path) -> float | None:
         return float(rate)
     except ValueError:
         raise Rejection("bad_fs", "non_numeric", f"header rate {rate!r} is not a number") from None
-
-
-def _check_signal_count(header: wfdb.Record) -> None:
-    if not header.n_sig:
-        raise Rejection("bad_file", "no_signals", "the header declares no signals")
-    # wfdb parses the signal lines present, whatever the record line says (and none at all leaves ``file_name`` None)
-    lines = len(header.file_name or ())
-    if header.n_sig != lines:
-        raise Rejection("header_mismatch", "channels",
-                        f"the record line declares {header.n_sig} signals, the signal lines {lines}")
 
 
 def _check_wfdb_size(sig_len: int, values_per_sample: int, rate: float, limits: InputLimits) -> None:
@@ -464,17 +458,14 @@ def _read_npz(file, name: str, limits: InputLimits) -> tuple[np.ndarray, np.ndar
         members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
         if "signal" not in members:
             raise Rejection("bad_file", "no_signal", f"{name} has no 'signal' array")
-        arrays = []
+        arrays = {}
         for key in ("signal", "fs", "lead_names"):
-            info = members.get(key)
-            if info is None:
-                arrays.append(None)
-                continue
-            limits.check_bytes(info.file_size, key)
-            limits.check_compression(info.file_size, info.compress_size, key)
-            with archive.open(info) as member:
-                arrays.append(read_npy_array(member, info.file_size, f"{name}:{key}", key, limits))
-    return arrays[0], arrays[1], arrays[2]
+            if (info := members.get(key)) is not None:
+                limits.check_bytes(info.file_size, key)
+                limits.check_compression(info.file_size, info.compress_size, key)
+                with archive.open(info) as member:
+                    arrays[key] = read_npy_array(member, info.file_size, f"{name}:{key}", key, limits)
+    return arrays["signal"], arrays.get("fs"), arrays.get("lead_names")
 
 
 def read_npy_array(stream, available: int, what: str, key: str, limits: InputLimits) -> np.ndarray:

@@ -20,7 +20,7 @@ Defaults (override per process with the environment variables named in `InputLim
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ecgad.types import Rejection
 
@@ -39,13 +39,9 @@ class InputLimits:
     @classmethod
     def from_env(cls) -> "InputLimits":
         """The defaults, overridden by ``ECGAD_MAX_SECONDS``, ``ECGAD_MAX_CHANNELS``, ``ECGAD_MAX_DECODED_MB`` and
-        ``ECGAD_MAX_COMPRESSION_RATIO``."""
-        default = cls()
-        return cls(max_seconds=float(os.environ.get("ECGAD_MAX_SECONDS", default.max_seconds)),
-                   max_channels=int(os.environ.get("ECGAD_MAX_CHANNELS", default.max_channels)),
-                   max_decoded_mb=float(os.environ.get("ECGAD_MAX_DECODED_MB", default.max_decoded_mb)),
-                   max_compression_ratio=float(os.environ.get("ECGAD_MAX_COMPRESSION_RATIO",
-                                                              default.max_compression_ratio)))
+        ``ECGAD_MAX_COMPRESSION_RATIO`` (``ECGAD_`` and the field's name in capitals), each of the default's type."""
+        return cls(**{f.name: type(f.default)(os.environ.get(f"ECGAD_{f.name.upper()}", f.default))
+                      for f in fields(cls)})
 
     def check_channels(self, channels: int) -> None:
         if channels > self.max_channels:

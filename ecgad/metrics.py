@@ -78,11 +78,8 @@ def record_auprc(labels, scores) -> float:
 def sensitivity_specificity(labels, scores, threshold: float) -> tuple[float, float]:
     """``(sensitivity, specificity)`` of the rule ``score > threshold``; each NaN when its class is absent."""
     y, s = _labels_scores(labels, scores)
-    pred = s > threshold
-    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    sens = float((pred & (y == 1)).sum() / n_pos) if n_pos else math.nan
-    spec = float((~pred & (y == 0)).sum() / n_neg) if n_neg else math.nan
-    return sens, spec
+    called = [(s > threshold)[y == 1], (s <= threshold)[y == 0]]   # abnormal called abnormal, normal called normal
+    return tuple(float(right.mean()) if right.size else math.nan for right in called)
 
 
 def calibrate_threshold(normal_scores, quantile: float = 0.95) -> float:
@@ -273,12 +270,9 @@ def _localization(y: np.ndarray, maps, masks, map_threshold: float | None, quant
     # Bootstrap over the annotated records only: map each resample of all records onto their Dice values.
     position = np.cumsum(annotated) - 1
 
-    def mean_of(values: np.ndarray) -> Callable[[np.ndarray], float]:
-        def stat(idx: np.ndarray) -> float:
+    for name, values in (("dice", dice), ("iou", iou)):
+        def stat(idx: np.ndarray, values: np.ndarray = values) -> float:
             chosen = idx[annotated[idx]]
             return float(values[position[chosen]].mean()) if chosen.size else math.nan
-        return stat
-
-    out["dice"] = _entry(float(dice.mean()), ci(mean_of(dice)))
-    out["iou"] = _entry(float(iou.mean()), ci(mean_of(iou)))
+        out[name] = _entry(float(values.mean()), ci(stat))
     return out

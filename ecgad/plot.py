@@ -114,13 +114,11 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
     n = signal.shape[1]
     duration = n / float(fs)
     print_s = min(PRINT_SECONDS, duration)
-    col_s = print_s / len(LAYOUT[0])
     # Each lead sits on its row baseline, centred on its median so baseline offsets do not push it off the row.
     centred = signal - np.median(signal, axis=1, keepdims=True)
     vmax = float(anomaly_map.max()) if anomaly_map is not None and anomaly_map.max() > 0 else 1.0
-    n_rows = len(LAYOUT) + 1
-    t0, t1 = -CAL_SECONDS, max(duration, print_s)
-    y0, y1 = -n_rows * ROW_HEIGHT_MV, 0.0
+    t0, t1 = -CAL_SECONDS, duration
+    y0, y1 = -(len(LAYOUT) + 1) * ROW_HEIGHT_MV, 0.0     # the print's rows and the rhythm strip
 
     # The axes box is sized so that one second is exactly 25 mm and one millivolt exactly 10 mm.
     paper_w = (t1 - t0) * PAPER_SPEED_MM_S / MM_PER_INCH
@@ -133,8 +131,7 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
 
     def lead_row(row: int, names: tuple[str, ...], seg_s: float) -> None:
         baseline = -(row + 0.5) * ROW_HEIGHT_MV
-        cal_t = np.array([-CAL_SECONDS + 0.08, -CAL_SECONDS + 0.12, -CAL_SECONDS + 0.12, -CAL_SECONDS + 0.32,
-                          -CAL_SECONDS + 0.32, -0.04])
+        cal_t = -CAL_SECONDS + np.array([0.08, 0.12, 0.12, 0.32, 0.32, CAL_SECONDS - 0.04])
         ax.plot(cal_t, baseline + np.array([0, 0, 1, 1, 0, 0]), color=TRACE_COLOR, linewidth=0.8, zorder=3)
         for col, name in enumerate(names):
             start, stop = int(round(col * seg_s * fs)), min(n, int(round((col + 1) * seg_s * fs)))
@@ -147,7 +144,7 @@ def plot_ecg(signal: np.ndarray, fs: float, anomaly_map: np.ndarray | None = Non
                 ax.vlines(col * seg_s, baseline - 0.3, baseline + 0.3, colors=TRACE_COLOR, linewidths=1.0, zorder=3)
 
     for row, names in enumerate(LAYOUT):
-        lead_row(row, names, col_s)
+        lead_row(row, names, print_s / len(names))
     lead_row(len(LAYOUT), (RHYTHM_LEAD,), duration)
 
     ax.set_xlim(t0, t1)

@@ -210,11 +210,10 @@ def prepare(record: Record, cfg: PrepConfig = _DEFAULT) -> Prepared:
             if window.n_beats == 0:
                 found = f"{len(window.peaks)} R-peaks, none usable" if len(window.peaks) else "HeartPy found no rhythm"
                 raise Rejection("no_beats", message=f"{found} (beats need {cfg.peak_min} < r < {cfg.peak_max})")
+            windows.append(window)
         except Rejection as rejection:
             rejections.append(rejection)
             warnings.append(f"window at {start / cfg.fs:g} s skipped: {rejection.reason} ({rejection.message})")
-            continue
-        windows.append(window)
     if not windows:
         raise rejections[0]
     return Prepared(record_id=record.record_id, windows=windows, n_samples_model=int(x.shape[1]),

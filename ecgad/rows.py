@@ -43,17 +43,13 @@ def prepared_to_row(prepared: Prepared) -> dict[str, Any]:
     """Encode one prepared record (all its windows, peaks and beats) as a flat row with status ``ok``."""
     windows = prepared.windows
     return {
-        "record_id": prepared.record_id,
-        "status": "ok",
-        "reason": "",
-        "n_samples_model": int(prepared.n_samples_model),
-        "source_fs": float(prepared.source_fs),
+        "record_id": prepared.record_id, "status": "ok", "reason": "",
+        "n_samples_model": int(prepared.n_samples_model), "source_fs": float(prepared.source_fs),
         "source_samples": int(prepared.source_samples),
         "window_offsets": [int(w.offset) for w in windows],
         "window_len": int(windows[0].signal.shape[1]) if windows else 0,
         "signals": _to_bytes(np.stack([w.signal for w in windows])) if windows else b"",
-        "peak_counts": [int(len(w.peaks)) for w in windows],
-        "peaks": [int(p) for w in windows for p in w.peaks],
+        "peak_counts": [int(len(w.peaks)) for w in windows], "peaks": [int(p) for w in windows for p in w.peaks],
         "beat_counts": [int(w.n_beats) for w in windows],
         "beat_peaks": [int(p) for w in windows for p in w.beat_peaks],
         "beat_len": int(windows[0].beats.shape[2]) if windows and windows[0].n_beats else 0,
@@ -68,9 +64,9 @@ def rejection_to_row(record_id: str, rejection: Rejection) -> dict[str, Any]:
     return {**empty, "status": "rejected", "reason": rejection.reason}
 
 
-def _split(values: Any, counts: list[int]) -> list[np.ndarray]:
-    flat = np.asarray(values, dtype=np.int64)
-    return np.split(flat, np.cumsum(counts)[:-1]) if counts else []
+def _split(values: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """``values`` cut along the first axis into consecutive parts of ``counts`` rows each."""
+    return np.split(values, np.cumsum(counts)[:-1]) if counts else []
 
 
 def row_to_prepared(row: dict[str, Any]) -> Prepared:
@@ -83,21 +79,13 @@ def row_to_prepared(row: dict[str, Any]) -> Prepared:
     beat_counts = [int(c) for c in row["beat_counts"]]
     beat_len = int(row["beat_len"])
     all_beats = _from_bytes(row["beats"], (sum(beat_counts), _N_LEADS, beat_len))
-    beat_split = np.split(all_beats, np.cumsum(beat_counts)[:-1]) if beat_counts else []
-    peaks = _split(row["peaks"], [int(c) for c in row["peak_counts"]])
-    beat_peaks = _split(row["beat_peaks"], beat_counts)
-    windows = [
-        Window(signal=signals[i], offset=offsets[i], peaks=peaks[i], beat_peaks=beat_peaks[i], beats=beat_split[i])
-        for i in range(n_windows)
-    ]
-    return Prepared(
-        record_id=str(row["record_id"]),
-        windows=windows,
-        n_samples_model=int(row["n_samples_model"]),
-        source_fs=float(row["source_fs"]),
-        source_samples=int(row["source_samples"]),
-        metadata=json.loads(row["metadata_json"]),
-    )
+    peaks = _split(np.asarray(row["peaks"], dtype=np.int64), [int(c) for c in row["peak_counts"]])
+    beat_peaks = _split(np.asarray(row["beat_peaks"], dtype=np.int64), beat_counts)
+    windows = [Window(signal=signals[i], offset=offsets[i], peaks=peaks[i], beat_peaks=beat_peaks[i],
+                      beats=beats) for i, beats in enumerate(_split(all_beats, beat_counts))]
+    return Prepared(record_id=str(row["record_id"]), windows=windows, n_samples_model=int(row["n_samples_model"]),
+                    source_fs=float(row["source_fs"]), source_samples=int(row["source_samples"]),
+                    metadata=json.loads(row["metadata_json"]))
 
 
 # -- the per-record step of the batch jobs -----------------------------------------------------------------------

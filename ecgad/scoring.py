@@ -37,6 +37,13 @@ from ecgad.types import Prepared, Record, Rejection, Scores, Window
 MODES = ("full", "fast")
 
 
+def record_score(windows: Sequence[Window], window_scores: Sequence[float]) -> float:
+    """A record's score from its windows' scores: the mean over every beat of every window (a window weighs its
+    beats; beats in overlapping windows count in each)."""
+    n_beats = np.array([w.n_beats for w in windows], dtype=np.float64)
+    return float(np.dot(window_scores, n_beats) / n_beats.sum())
+
+
 class _Accumulator:
     """Per-window sums of the restoration errors and maps of one group of windows, on the scoring device."""
 
@@ -44,8 +51,7 @@ class _Accumulator:
         zeros = dict(dtype=torch.float64, device=device)
         self.global_error, self.global_count = torch.zeros(n_windows, **zeros), torch.zeros(n_windows, **zeros)
         self.local_error, self.local_count = torch.zeros(n_windows, **zeros), torch.zeros(n_windows, **zeros)
-        self.cfg = cfg
-        self.with_maps = with_maps
+        self.cfg, self.with_maps = cfg, with_maps
         if with_maps:
             self.global_map = torch.zeros(n_windows, cfg.global_len, n_leads, device=device)
             self.local_map = torch.zeros(n_windows * cfg.window, n_leads, device=device)   # whole windows, flattened
@@ -131,16 +137,14 @@ class _WindowGroup:
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(x[chunk]) for chunk in self._chunks(len(x))])
 
-    def _encode_trend(self, signal: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_trend(trend(signal))
-
     def _encode_windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Once per window and pass: the masked global latent ``f_g`` (by global row). Once per window (or per
         window and pass when the trend sees the masked signal): the trend latent's share of the trend decoder's
         first layer."""
         global_masked = (self.x[:, None] * self.keep_global[:, None]).flatten(0, 1)
         f_g = self._batched(self.model.encode_global, global_masked)
-        f_t = self._batched(self._encode_trend, global_masked if self.trend_from_masked else self.x)
+        f_t = self._batched(lambda signal: self.model.encode_trend(trend(signal)),
+                            global_masked if self.trend_from_masked else self.x)
         return f_g, self.folded.trend_share(f_t)
 
     def _score_beats(self, pairs: slice) -> torch.Tensor:
@@ -227,10 +231,6 @@ class Scorer:
 
     # -- public entry points --
 
-    def score_windows(self, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
-        """Window scores ``(n,)`` and maps ``(n, 12, 4800)`` (samples 100..4900 of each window, as the oracle)."""
-        return self._score_windows(windows, with_maps=True)
-
     def score_prepared(self, prepared: Sequence[Prepared], with_maps: bool = True) -> list[Scores]:
         """One `Scores` per prepared record, all windows of all records scored in shared batches.
 
@@ -242,8 +242,8 @@ class Scorer:
         for record in prepared:
             if record.n_beats == 0:
                 raise Rejection("no_beats", record.record_id)
-        window_scores, window_maps = self._score_windows([w for record in prepared for w in record.windows],
-                                                         with_maps)
+        window_scores, window_maps = self.score_windows([w for record in prepared for w in record.windows],
+                                                        with_maps)
         bounds = np.cumsum([len(record.windows) for record in prepared])[:-1]
         maps = [None] * len(prepared) if window_maps is None else np.split(window_maps, bounds)
         return [self._record_scores(record, scores, record_maps)
@@ -270,8 +270,7 @@ class Scorer:
     def _record_scores(self, record: Prepared, window_scores: np.ndarray, window_maps: np.ndarray | None) -> Scores:
         """A record's `Scores` from its windows' scores and maps, on the input's own time axis."""
         fs = self.prep_config.fs
-        n_beats = np.array([w.n_beats for w in record.windows], dtype=np.float64)
-        score = float(np.dot(window_scores, n_beats) / n_beats.sum())
+        score = record_score(record.windows, window_scores)
         anomaly_map = None
         if window_maps is not None:
             stitched = stitch_window_maps(window_maps, [w.offset for w in record.windows], record.n_samples_model,
@@ -284,7 +283,10 @@ class Scorer:
                       beats_used=record.n_beats, windows_scored=len(record.windows),
                       warnings=list(record.metadata.get("warnings", [])))
 
-    def _score_windows(self, windows: Sequence[Window], with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def score_windows(self, windows: Sequence[Window], with_maps: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Window scores ``(n,)`` and maps ``(n, 12, 4800)`` (samples 100..4900 of each window, as the oracle; None
+        without ``with_maps``)."""
         for window in windows:
             if window.n_beats == 0:
                 raise Rejection("no_beats", f"window at sample {window.offset}")

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,10 +57,7 @@ def _duration(seconds: float) -> str:
 
 def _shown(path: Path) -> str:
     """``path`` relative to the working directory where it lies below it (what a person types), else absolute."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 class Stages:
@@ -83,13 +81,12 @@ class Stages:
     def run(self, argv: list[str], summary: bool = True) -> dict[str, Any]:
         """Run ``argv`` with its stdout and stderr appended to the log; its summary (last JSON line on stdout)."""
         self.log_file.write(f"$ {shlex.join(argv)}\n")
-        lines: list[str] = []
+        lines: deque[str] = deque(maxlen=TAIL_LINES)   # the summary is the last line; memory stays flat
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log_file, text=True, bufsize=1) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 self.log_file.write(line)
                 lines.append(line)
-                del lines[:-TAIL_LINES]      # the summary is the last line; keep memory flat on chatty stages
         if process.returncode:
             raise StageFailed(f"`{shlex.join(argv[:3])} ...` exited with code {process.returncode}")
         for line in reversed(lines):
@@ -139,8 +136,8 @@ def _verdict(response: dict) -> str:
 
 
 def _score_over_http(url: str, data_root: Path, stages: Stages) -> str:
-    """Score a synthetic PVC record (binary NPY body) and the first WFDB record of ``data_root`` (multipart)."""
-    from ecgad.io import read_record
+    """Score a synthetic PVC record (binary NPY body) and the first WFDB record of ``data_root`` (multipart: its
+    header and the ``.dat`` signal file PTB-XL headers name)."""
     from ecgad.ptbxl import load_ptbxl_index
     from ecgad.synth import generate_ecg
 
@@ -151,8 +148,7 @@ def _score_over_http(url: str, data_root: Path, stages: Stages) -> str:
     pvc = _post(f"{url}/v1/score?fs={synthetic.fs:g}&lead_names={leads}&map=downsample=10", buffer.getvalue(),
                 "application/x-npy")
     header = data_root / f"{load_ptbxl_index(data_root).iloc[0]['record_path']}.hea"
-    record = read_record(header)
-    signal_file = Path(record.metadata.get("signal_file", header.with_suffix(".dat")))
+    signal_file = header.with_suffix(".dat")
     body, content_type = _multipart({header.name: header.read_bytes(), signal_file.name: signal_file.read_bytes()})
     wfdb = _post(f"{url}/v1/score?map=none", body, content_type)
     for name, response in (("synthetic PVC record", pvc), (header.name, wfdb)):

@@ -23,6 +23,7 @@ back is bounded too: a long record's map is downsampled (`map_step`) and its plo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -36,7 +37,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ecgad.formats import SNIFF_BYTES, sniff_bytes, SUFFIXES as FORMAT_SUFFIXES
-from ecgad.io import read_npy_array, read_record, record_from_array
+from ecgad.io import RECORD_SUFFIXES, read_npy_array, read_record, record_from_array
 from ecgad.limits import LIMITS
 from ecgad.log import get_logger
 from ecgad.plot import plot_ecg, verdict_title
@@ -58,9 +59,9 @@ FILE_TYPES = frozenset({"application/octet-stream", "application/dicom", "applic
 #: Upload suffixes written to disk for `read_record`; anything else in a multipart body is refused, so a client
 #: cannot make the service write arbitrary files.
 _FORMAT_SUFFIXES = frozenset(FORMAT_SUFFIXES.values())
-UPLOAD_SUFFIXES = frozenset({".hea", ".dat", ".mat", ".xyz", ".csv", ".npy", ".npz"}) | _FORMAT_SUFFIXES
+UPLOAD_SUFFIXES = RECORD_SUFFIXES | {".dat", ".mat", ".xyz"} | _FORMAT_SUFFIXES
 #: Files that are a record on their own (WFDB signal files need their ``.hea``).
-_RECORD_SUFFIXES = (".hea", ".csv", ".npy", ".npz", *sorted(_FORMAT_SUFFIXES))
+_RECORD_SUFFIXES = tuple(RECORD_SUFFIXES | _FORMAT_SUFFIXES)
 #: Files per multipart body (a WFDB record has a header and one or a few signal files).
 MAX_UPLOAD_FILES = 16
 
@@ -98,12 +99,8 @@ async def read_limited(content_length: str | None, chunks: AsyncIterator[bytes],
     ``Content-Length`` is checked first, so an honest oversize request is refused before a byte is read; the running
     count catches chunked bodies and clients whose header lies.
     """
-    if content_length is not None:
-        try:
-            announced = int(content_length)
-        except ValueError:
-            announced = 0
-        if announced > limit:
+    with contextlib.suppress(ValueError):          # a malformed header announces nothing; the count still holds
+        if content_length is not None and int(content_length) > limit:
             raise BodyTooLarge(limit)
     parts: list[bytes] = []
     size = 0
@@ -142,8 +139,7 @@ def record_from_json(body: bytes) -> Record:
         raise Rejection("bad_file", "json", f"the body is not valid JSON: {err}") from None
     if not isinstance(payload, dict):
         raise Rejection("bad_file", "json", "the body must be a JSON object with signal, fs and lead_names")
-    signal = payload.get("signal")
-    if not isinstance(signal, list):
+    if not isinstance(signal := payload.get("signal"), list):
         raise Rejection("bad_shape", "signal", "signal must be a list of lists (leads x samples)")
     try:
         envelope = ScoreRequest.model_validate({**payload, "signal": []})
@@ -207,11 +203,8 @@ def upload_name(filename: str, content: bytes = b"") -> str:
     fmt = sniff_bytes(content[:SNIFF_BYTES]) if content else None
     if fmt is not None and Path(name).suffix.lower() != FORMAT_SUFFIXES[fmt] and not name.startswith("."):
         name = f"{Path(name).stem or 'upload'}{FORMAT_SUFFIXES[fmt]}"
-    try:
-        too_long = len(name.encode("utf-8")) > MAX_NAME_BYTES
-    except UnicodeEncodeError:                  # lone surrogates from a mis-decoded header
-        too_long = True
-    if too_long or not name.isprintable():
+    # Lone surrogates (a mis-decoded header) pass the length count and are refused as unprintable.
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not name.isprintable():
         raise Rejection("bad_file", "upload", f"upload names must be printable and at most {MAX_NAME_BYTES} bytes, "
                                               f"got {ascii(filename[:80])}")
     if not name or name.startswith(".") or Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
@@ -288,19 +281,12 @@ def score_body(scores: Scores, model_version: str, step: int | None) -> dict[str
             warnings.append(f"map downsampled to every {step} samples: {full_map.shape[1]} columns exceed the "
                             f"limit of {MAX_MAP_COLUMNS}")
         anomaly_map = shape_map(full_map, step).tolist()
-    return {
-        "record_id": scores.record_id,
-        "pred_score": float(scores.pred_score),
-        "pred_label": bool(scores.pred_label),
-        "threshold": float(scores.threshold) if math.isfinite(scores.threshold) else None,
-        "anomaly_map": anomaly_map,
-        "map_step": step if anomaly_map is not None else None,
-        "r_peaks": [int(r) for r in scores.r_peaks],
-        "beats_used": int(scores.beats_used),
-        "windows_scored": int(scores.windows_scored),
-        "warnings": warnings,
-        "model_version": model_version,
-    }
+    return {"record_id": scores.record_id, "pred_score": float(scores.pred_score),
+            "pred_label": bool(scores.pred_label),
+            "threshold": float(scores.threshold) if math.isfinite(scores.threshold) else None,
+            "anomaly_map": anomaly_map, "map_step": step if anomaly_map is not None else None,
+            "r_peaks": [int(r) for r in scores.r_peaks], "beats_used": int(scores.beats_used),
+            "windows_scored": int(scores.windows_scored), "warnings": warnings, "model_version": model_version}
 
 
 def plot_png(record: Record, scores: Scores, dpi: int = 100) -> bytes:

@@ -55,12 +55,9 @@ def read(path: Path, limits: InputLimits = LIMITS) -> Decoded:
 
 def _code(element: ET.Element | None) -> str:
     """The ``code`` attribute of an element's ``code`` child (or of a ``value`` element itself)."""
-    if element is None:
-        return ""
-    if element.tag == "value":
-        return element.get("code", "")
-    code = element.find("code")
-    return code.get("code", "") if code is not None else ""
+    if element is not None and element.tag != "value":
+        element = element.find("code")
+    return element.get("code", "") if element is not None else ""
 
 
 def _rate(time_sequences: list[ET.Element], path: Path) -> float:
