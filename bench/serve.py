@@ -11,10 +11,14 @@ On a shared machine the load of other processes drifts, so the batched and unbat
 back to back, the whole grid is run ``--repeats`` times, and each cell reports its best run (highest req/s).
 
 The model is a randomly initialized MCF of the paper's size (``--size``) unless ``--checkpoint`` is given: scores are
-meaningless, costs are real. For context the bench also times the in-process `Scorer` at batch 1 and 32: on a CPU the
-forward passes are compute-bound, so that ratio bounds what batching can win in the service once the model is the
-bottleneck. Ratios: ``batched_over_unbatched`` (same body, same clients) and ``binary_over_json`` (batched). The last
-line is one JSON object.
+meaningless, costs are real. The baseline is the in-process `Scorer` with the model replica's torch thread count,
+timed in the same run: at batch 1 and 32 (on a CPU the forward passes are compute-bound, so that ratio bounds what
+batching can win in the service), and at each client count's batch (``min(clients, 32)``). **Efficiency** at N
+clients is the service's req/s (batched) over the in-process records/s at that batch: 1.0 means the service
+delivers all its model can do, the rest is per-request overhead (HTTP, parsing, preparation, hops) and the CPU
+that ingress and proxy take from the model on the same machine. Ratios: ``batched_over_unbatched`` (same body,
+same clients), ``binary_over_json`` (batched), ``efficiency`` per body. The last line is one JSON object, with
+``efficiency_1``, ``efficiency_8``, ``efficiency_32`` (binary bodies) at top level.
 
     python bench/serve.py [--seconds 4] [--repeats 2] [--clients 1 8 32] [--size paper|small] [--mode fast|full]
 """
@@ -95,9 +99,15 @@ async def _load(url: str, body: tuple[bytes, dict[str, str], dict[str, Any]], cl
             "p99_ms": round(float(p99), 1), "n": len(latencies)}
 
 
-def _in_process_ms_per_record(checkpoint: Path, mode: str, prepared, batch: int, seconds: float) -> float:
+def _in_process_ms_per_record(checkpoint: Path, mode: str, prepared, batch: int, seconds: float,
+                              threads: int) -> float:
+    """Milliseconds per record of the `Scorer` in this process, batches of ``batch`` copies of ``prepared``, with
+    ``threads`` torch threads (the model replica's)."""
+    import torch
+
     from ecgad.scoring import Scorer
 
+    torch.set_num_threads(threads)
     scorer = Scorer.from_checkpoint(checkpoint, device="cpu", mode=mode)
     scorer.score_prepared([prepared], with_maps=False)
     start, n = time.perf_counter(), 0
@@ -145,10 +155,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ecgad-bench-") as tmp:
         checkpoint = args.checkpoint or random_checkpoint(Path(tmp) / "checkpoint", size=args.size)
         prepared = prepare(record)
-        scorer_ms = {batch: _in_process_ms_per_record(checkpoint, args.mode, prepared, batch, 3.0)
-                     for batch in (UNBATCHED, BATCHED)}
-        print(f"in-process Scorer ({args.mode}): {scorer_ms[UNBATCHED]:.1f} ms/record at batch 1, "
-              f"{scorer_ms[BATCHED]:.1f} at batch 32 (x{scorer_ms[UNBATCHED] / scorer_ms[BATCHED]:.2f})", flush=True)
+        threads = args.model_threads or 1   # what the replica gets: its num_cpus in local_config, rounded up
+        batches = sorted({UNBATCHED, BATCHED, *(min(c, BATCHED) for c in args.clients)})
+        scorer_ms = {batch: _in_process_ms_per_record(checkpoint, args.mode, prepared, batch, 3.0, threads)
+                     for batch in batches}
+        print(f"in-process Scorer ({args.mode}, {threads} torch threads): " + ", ".join(
+              f"{ms:.1f} ms/record at batch {batch}" for batch, ms in scorer_ms.items()), flush=True)
 
         ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         port = free_port()
@@ -186,13 +198,16 @@ def main() -> None:
         "batched_over_unbatched": {body: {c: round(batched[body][c] / unbatched[body][c], 2) for c in batched[body]}
                                    for body in batched},
         "binary_over_json": {c: round(batched["binary"][c] / batched["json"][c], 2) for c in batched["binary"]},
+        "efficiency": {body: {c: round(batched[body][c] * scorer_ms[min(int(c), BATCHED)] / 1000, 2)
+                              for c in batched[body]} for body in batched},
     }
     for name, value in ratios.items():
         print(f"{name}: {json.dumps(value)}")
     summary = {"bench": "serve", "mode": args.mode, "size": args.size if args.checkpoint is None else "checkpoint",
                "map": args.map, "seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(),
                "scorer_ms_per_record": {str(k): round(v, 2) for k, v in scorer_ms.items()},
-               "results": results, "ratios": ratios}
+               "results": results, "ratios": ratios,
+               **{f"efficiency_{c}": e for c, e in ratios["efficiency"]["binary"].items()}}
     print(json.dumps(summary))
 
 

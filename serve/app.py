@@ -161,6 +161,7 @@ class ECGModel:
         self._batching = BatchConfig()
         self.metrics = metrics.ModelMetrics(self.checkpoint.model_version)
         self._waiting = 0   # records in this replica, for the queue-depth gauge
+        self.metrics.queue_depth.set(0)
         self.drift = (DriftWindow(Calibration.from_dict(self.checkpoint.calibration), drift_window)
                       if self.checkpoint.calibration else None)
         if self.drift is None:

@@ -5,7 +5,9 @@ Why Ray's and not a second exporter: every Ray node already serves its processes
 replicas, queue lengths, proxy latencies), so one scrape configuration covers both and nothing more listens.
 Ray prefixes every application metric with ``ray_`` on that endpoint: ``ecgad_requests_total`` below is scraped
 as ``ray_ecgad_requests_total`` (`EXPORTED_PREFIX`); the dashboards and alert rules in ``ops/`` use those names.
-Serve adds the ``deployment``, ``replica`` and ``application`` tags itself.
+Serve adds the ``deployment``, ``replica`` and ``application`` tags itself. Ray rebuilds a histogram's ``_sum``
+from its bucket midpoints, so totals come from counters and counts (``ecgad_records_scored_total`` over
+``ecgad_batch_size_count`` is the mean batch size), never from a ``_sum``.
 
 Each process records its own; Prometheus sums over replicas. `IngressMetrics` lives in an ingress replica (requests
 by route and status, rejection reasons, preparation time, request latency) and is fed by the ASGI middleware
@@ -82,7 +84,6 @@ class ModelMetrics:
                                                "the calibration records above the threshold", tag_keys=version)
         self.drift_records = Gauge("ecgad_drift_window_records", description="records in the drift window",
                                    tag_keys=version)
-        self.queue_depth.set(0)
 
     def batch(self, size: int, waits_s: Sequence[float], model_s: float) -> None:
         self.batch_size.observe(size)
@@ -142,3 +143,19 @@ def install() -> IngressMetrics:
     """Create this ingress replica's metrics and make `RequestMetrics` record into them."""
     RequestMetrics.metrics = IngressMetrics()
     return RequestMetrics.metrics
+
+
+def exported_series() -> dict[str, str]:
+    """Every series name our metrics have on Ray's Prometheus endpoint, with its type (``counter``, ``gauge``, or
+    ``histogram`` for each of a histogram's ``_bucket``, ``_count`` and ``_sum``): what dashboards and alert rules
+    may query. Built from the metric objects themselves (outside Ray they record nothing), so it cannot drift
+    from what the replicas export."""
+    series: dict[str, str] = {}
+    for holder in (IngressMetrics(), ModelMetrics("")):
+        for metric in vars(holder).values():
+            if isinstance(metric, Histogram):
+                name = EXPORTED_PREFIX + metric.info["name"]
+                series.update({f"{name}{suffix}": "histogram" for suffix in ("_bucket", "_count", "_sum")})
+            elif isinstance(metric, (Counter, Gauge)):
+                series[EXPORTED_PREFIX + metric.info["name"]] = "counter" if isinstance(metric, Counter) else "gauge"
+    return series

@@ -49,6 +49,7 @@ from ecgad.checkpoint import POINTER, publish_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.log import get_logger
 from ecgad.model import MCF, MCFConfig, unwrap
+from ecgad.ray import metrics as job_metrics
 from ecgad.shards import training_arrays
 from ecgad.train import BASE_LR, SELECTION_ORDER, EpochStats, sample_beats, seeded_generator, selection_key
 
@@ -347,6 +348,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       metrics["threshold"], calibration) if rank == 0 else None)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
+            job_metrics.count("ecgad_train_epochs_total")
+            job_metrics.count("ecgad_train_samples_total", metrics["train_samples"])
             logger.info("epoch %d reported: %s", epoch, ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
