@@ -59,12 +59,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgad import __version__
 from ecgad.config import PrepConfig
+from ecgad.drift import DEFAULT_WINDOW, Calibration, DriftWindow
 from ecgad.log import get_logger
 from ecgad.preprocess import prepare
 from ecgad.scoring import score_isolated
 from ecgad.synth import generate_ecg
 from ecgad.types import Prepared, Record, Rejection, Scores
-from ecgad.drift import DEFAULT_WINDOW, Calibration, DriftWindow
 from serve import bodies, metrics
 from serve.guard import LOOPBACK_HOSTS, GuardPolicy, RequestGuard, install
 from serve.schemas import SCORING_FAILED, ModelInfo, ReadyBody, RejectionBody, ScoreRequest, ScoreResponse
@@ -456,6 +456,7 @@ class ECGIngress:
         step = bodies.parse_map_spec(map_spec)
         _, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
         scores, model_version = await self._score(prepared, with_map=step is not None)
+
         def encode() -> str:
             return json.dumps(bodies.score_body(scores, model_version, step))
 
@@ -682,12 +683,13 @@ def _deploy(applications: list[ServeApplicationSchema], timeout_s: float) -> Non
 
 
 def metrics_url() -> str:
-    """Where this node's Ray Prometheus endpoint serves every process's metrics, ours (`serve.metrics`) included."""
+    """Where this node's Ray Prometheus endpoint serves every process's metrics, ours (`serve.metrics`) included.
+    Ray listens on every interface unless the node's address is a loopback one: firewall the port."""
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    (port,) = [node["MetricsExportPort"] for node in ray.nodes() if node["NodeID"] == node_id]
-    return f"http://127.0.0.1:{port}/metrics"
+    (node,) = [node for node in ray.nodes() if node["NodeID"] == node_id]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
@@ -720,7 +722,7 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
         address = os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, **({"_metrics_export_port": metrics_port} if address == "local" and metrics_port
                                      else {}))
-    if metrics_port and metrics_url() != f"http://127.0.0.1:{metrics_port}/metrics":
+    if metrics_port and not metrics_url().endswith(f":{metrics_port}/metrics"):
         logger.warning("Ray was started before: its metrics are at %s, not on port %d", metrics_url(), metrics_port)
     _fit_gpus(data, ray.cluster_resources().get("GPU", 0))
     schema = ServeDeploySchema.model_validate(data)

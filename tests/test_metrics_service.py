@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ecgad.drift import Calibration
 from ecgad.synth import generate_ecg
 from ecgad.types import Record
-from serve import bodies
+from serve import app, bodies
 from serve.metrics import exported_series
 from serve.testing import free_port, local_config, local_service
 from tests.conftest import RAY_TEST_INIT
@@ -171,6 +171,7 @@ def test_every_metric_counts_exactly_what_the_clients_saw(service, client, metri
     version = ok[0]["model_version"]
     anomalous = sum(body["pred_label"] for body in ok)
 
+    assert app.metrics_url().endswith(metrics_url.removeprefix("http://127.0.0.1"))   # what `ecgad serve` prints
     series = scrape_until(metrics_url, lambda s: (
         total(s, "ray_ecgad_requests_total") == len(answers) + 1
         and total(s, "ray_ecgad_records_scored_total") == len(ok)
