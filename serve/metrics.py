@@ -34,9 +34,6 @@ SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 #: Record scores (positive, unbounded; their scale is the model's): geometric from 1e-4 to 1e4.
 SCORE_BUCKETS = [10.0 ** (e / 2) for e in range(-8, 9)]
-#: Routes counted under their own name; any other path (a scanner's guesses) counts as ``other``, so a client
-#: cannot grow the number of series.
-ROUTES = frozenset({"/v1/score", "/v1/score/plot", "/v1/model", "/healthz", "/readyz", "/"})
 
 
 class IngressMetrics:
@@ -107,7 +104,11 @@ class ModelMetrics:
 
 class RequestMetrics:
     """ASGI middleware: counts every HTTP answer by route and status code and times it. Outermost, so that the
-    guard's 400/403 count too; an exception nothing answered counts as 500 (Starlette's answer to it)."""
+    guard's 400/403 count too; an exception nothing answered counts as 500 (Starlette's answer to it).
+
+    The route is the path template the router matched (``scope["route"]``, set while routing), so the number of
+    series is bounded by the application's routes: an unmatched path (a scanner's guesses, a request the guard
+    refused before routing) counts as ``other``."""
 
     #: The metrics of this process, set by `install` when the ingress replica starts; None records nothing.
     metrics: IngressMetrics | None = None
@@ -120,7 +121,6 @@ class RequestMetrics:
         if scope["type"] != "http" or metrics is None:
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -135,6 +135,7 @@ class RequestMetrics:
             status["code"] = "cancelled"
             raise
         finally:
+            route = getattr(scope.get("route"), "path", "other")
             metrics.requests.inc(tags={"route": route, "code": str(status["code"])})
             metrics.latency.observe(time.perf_counter() - started, tags={"route": route})
 
