@@ -11,10 +11,14 @@ On a shared machine the load of other processes drifts, so the batched and unbat
 back to back, the whole grid is run ``--repeats`` times, and each cell reports its best run (highest req/s).
 
 The model is a randomly initialized MCF of the paper's size (``--size``) unless ``--checkpoint`` is given: scores are
-meaningless, costs are real. For context the bench also times the in-process `Scorer` at batch 1 and 32: on a CPU the
-forward passes are compute-bound, so that ratio bounds what batching can win in the service once the model is the
-bottleneck. Ratios: ``batched_over_unbatched`` (same body, same clients) and ``binary_over_json`` (batched). The last
-line is one JSON object.
+meaningless, costs are real. The baseline is the in-process `Scorer` with the model replica's torch thread count,
+timed in the same run: at batch 1 and 32 at the start (on a CPU the forward passes are compute-bound, so that ratio
+bounds what batching can win in the service), and right before each cell at that cell's batch (``min(clients,
+batch)``). **Efficiency** at N clients is the service's req/s over those in-process records/s: 1.0 means the
+service delivers all its model can do; the rest is per-request overhead (HTTP, parsing, preparation, hops) and the
+CPU that clients, proxy and ingress take from the model on the same machine. Ratios: ``batched_over_unbatched``
+(same body, same clients), ``binary_over_json`` (batched), ``efficiency`` (batched) per body. The last line is one
+JSON object, with ``efficiency_1``, ``efficiency_8``, ``efficiency_32`` (batched, binary bodies) at top level.
 
     python bench/serve.py [--seconds 4] [--repeats 2] [--clients 1 8 32] [--size paper|small] [--mode fast|full]
 """
@@ -95,16 +99,27 @@ async def _load(url: str, body: tuple[bytes, dict[str, str], dict[str, Any]], cl
             "p99_ms": round(float(p99), 1), "n": len(latencies)}
 
 
-def _in_process_ms_per_record(checkpoint: Path, mode: str, prepared, batch: int, seconds: float) -> float:
-    from ecgad.scoring import Scorer
+class InProcess:
+    """The baseline: the `Scorer` in this process with the model replica's torch thread count, on one prepared
+    record. Timed right before each service cell it is compared with, so both see the same machine load."""
 
-    scorer = Scorer.from_checkpoint(checkpoint, device="cpu", mode=mode)
-    scorer.score_prepared([prepared], with_maps=False)
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        scorer.score_prepared([prepared] * batch, with_maps=False)
-        n += batch
-    return (time.perf_counter() - start) / n * 1000
+    def __init__(self, checkpoint: Path, mode: str, prepared, threads: int) -> None:
+        import torch
+
+        from ecgad.scoring import Scorer
+
+        torch.set_num_threads(threads)
+        self.scorer = Scorer.from_checkpoint(checkpoint, device="cpu", mode=mode)
+        self.prepared = prepared
+        self.scorer.score_prepared([prepared], with_maps=False)
+
+    def ms_per_record(self, batch: int, seconds: float = 3.0) -> float:
+        """Milliseconds per record, scoring batches of ``batch`` copies for ``seconds``."""
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            self.scorer.score_prepared([self.prepared] * batch, with_maps=False)
+            n += batch
+        return (time.perf_counter() - start) / n * 1000
 
 
 def _set_batch_size(url: str, deploy, size: int) -> None:
@@ -145,10 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ecgad-bench-") as tmp:
         checkpoint = args.checkpoint or random_checkpoint(Path(tmp) / "checkpoint", size=args.size)
         prepared = prepare(record)
-        scorer_ms = {batch: _in_process_ms_per_record(checkpoint, args.mode, prepared, batch, 3.0)
-                     for batch in (UNBATCHED, BATCHED)}
-        print(f"in-process Scorer ({args.mode}): {scorer_ms[UNBATCHED]:.1f} ms/record at batch 1, "
-              f"{scorer_ms[BATCHED]:.1f} at batch 32 (x{scorer_ms[UNBATCHED] / scorer_ms[BATCHED]:.2f})", flush=True)
+        threads = args.model_threads or 1   # what the replica gets: its num_cpus in local_config, rounded up
+        baseline = InProcess(checkpoint, args.mode, prepared, threads)
+        scorer_ms = {batch: baseline.ms_per_record(batch) for batch in (UNBATCHED, BATCHED)}
+        print(f"in-process Scorer ({args.mode}, {threads} torch threads): {scorer_ms[UNBATCHED]:.1f} ms/record at "
+              f"batch 1, {scorer_ms[BATCHED]:.1f} at batch 32 (x{scorer_ms[UNBATCHED] / scorer_ms[BATCHED]:.2f})",
+              flush=True)
 
         ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
         port = free_port()
@@ -162,16 +179,20 @@ def main() -> None:
         url = deploy({"max_batch_size": BATCHED, "batch_wait_timeout_s": 0.005})
         results: dict[str, dict[str, dict[str, Any]]] = {}
         try:
-            print(f"{'run':>3} {'batch':>5} {'body':>6} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}",
-                  flush=True)
+            print(f"{'run':>3} {'batch':>5} {'body':>6} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'in-proc rec/s':>13} {'efficiency':>10}", flush=True)
             for run in range(args.repeats):
                 for body in ("binary", "json"):
                     for clients in args.clients:
                         for batch in (BATCHED, UNBATCHED):
                             _set_batch_size(url, deploy, batch)
+                            in_process = 1000 / baseline.ms_per_record(min(clients, batch))
                             cell = asyncio.run(_load(url, bodies[body], clients, args.seconds, args.map))
+                            cell.update(in_process_records_s=round(in_process, 2),
+                                        efficiency=round(cell["req_s"] / in_process, 2))
                             print(f"{run:>3} {batch:>5} {body:>6} {clients:>7} {cell['req_s']:>8.2f} "
-                                  f"{cell['p50_ms']:>8.1f} {cell['p99_ms']:>8.1f}", flush=True)
+                                  f"{cell['p50_ms']:>8.1f} {cell['p99_ms']:>8.1f} {in_process:>13.2f} "
+                                  f"{cell['efficiency']:>10.2f}", flush=True)
                             best = results.setdefault(f"batch{batch}", {}).setdefault(body, {})
                             if cell["req_s"] > best.get(str(clients), {"req_s": -1.0})["req_s"]:
                                 best[str(clients)] = cell
@@ -186,13 +207,16 @@ def main() -> None:
         "batched_over_unbatched": {body: {c: round(batched[body][c] / unbatched[body][c], 2) for c in batched[body]}
                                    for body in batched},
         "binary_over_json": {c: round(batched["binary"][c] / batched["json"][c], 2) for c in batched["binary"]},
+        "efficiency": {body: {c: cell["efficiency"] for c, cell in cells.items()}
+                       for body, cells in results[f"batch{BATCHED}"].items()},
     }
     for name, value in ratios.items():
         print(f"{name}: {json.dumps(value)}")
     summary = {"bench": "serve", "mode": args.mode, "size": args.size if args.checkpoint is None else "checkpoint",
                "map": args.map, "seconds": args.seconds, "repeats": args.repeats, "cpus": os.cpu_count(),
                "scorer_ms_per_record": {str(k): round(v, 2) for k, v in scorer_ms.items()},
-               "results": results, "ratios": ratios}
+               "results": results, "ratios": ratios,
+               **{f"efficiency_{c}": e for c, e in ratios["efficiency"]["binary"].items()}}
     print(json.dumps(summary))
 
 

@@ -81,6 +81,7 @@ class Checkpoint:
     created: str
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None   # `ecgad.drift.Calibration.to_dict` of the threshold's scores
 
 
 def git_commit() -> str:
@@ -118,8 +119,11 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config: MCFConfig,
                     prep_config: PrepConfig, threshold: float, *, metadata: dict[str, Any] | None = None,
-                    threshold_quantile: float | None = 0.95) -> Path:
+                    threshold_quantile: float | None = 0.95, calibration: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (its weights moved to CPU) and its configs to ``directory``, atomically; returns the path.
+
+    ``calibration`` (`ecgad.drift.Calibration.to_dict`): the score distribution the threshold was set on, which a
+    service compares its recent scores with (drift); not part of the model version.
 
     An existing checkpoint at ``directory`` is replaced whole. ``threshold`` may be NaN (not calibrated yet); it is
     stored as ``null`` because JSON has no NaN.
@@ -142,6 +146,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config:
             "ecgad_version": __version__,
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
             "metadata": metadata or {},
+            "calibration": calibration,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_to_json, allow_nan=False) + "\n")
         replace_directory(tmp, directory)
@@ -289,7 +294,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
         threshold=math.nan if threshold is None else float(threshold),
         threshold_quantile=config.get("threshold_quantile"),
         model_version=model_version_of(config), git_commit=commit,
-        created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}))
+        created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}),
+        calibration=config.get("calibration"))
 
 
 def import_published_checkpoint(published_pt: str | Path, out_dir: str | Path,

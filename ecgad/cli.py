@@ -198,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     try:
         run_local(resolve_checkpoint(args.checkpoint), host=args.host, port=args.port, config=args.config,
-                  blocking=True, behind_auth_proxy=args.behind_auth_proxy, allowed_hosts=hosts)
+                  blocking=True, behind_auth_proxy=args.behind_auth_proxy, allowed_hosts=hosts,
+                  metrics_port=args.metrics_port)
     except UnsafeBind as err:
         raise CLIError(str(err)) from None
     return 0
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a non-loopback --host without ECGAD_API_TOKEN: an authenticating proxy is in front")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host names the service answers (default: loopback names and --host)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of Ray's Prometheus endpoint (our ecgad_* metrics and Serve's) for a local Ray "
+                        "instance; its address is printed (default: a port Ray picks)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("score-archive", add_help=False,

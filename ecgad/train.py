@@ -39,6 +39,7 @@ from torch import nn
 from ecgad.checkpoint import publish_checkpoint, save_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.masks import eval_masks, train_masks
+from ecgad.drift import Calibration
 from ecgad.metrics import calibrate_threshold, record_auprc, record_auroc
 from ecgad.log import get_logger
 from ecgad.model import MCF, MCFConfig, MCFOutput, device_of, unwrap
@@ -409,6 +410,7 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     if scores is None:
         scores = _record_scores(model, val, prep_config, device, score_mode)
     threshold = calibrate_threshold(scores[val_labels == 0], THRESHOLD_QUANTILE)
+    calibration = Calibration.from_scores(scores[val_labels == 0], threshold)
     selection = {"metric": metric, "mode": SELECTION_ORDER[metric], "reason": (
         f"fold {VALIDATION_FOLD} holds normal and abnormal records, so the detection AUROC we report is measured "
         "directly on held-out data (ties: lower validation loss); fold 10 is never read" if metric == "val_auroc" else
@@ -432,7 +434,8 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     out_dir = Path(out_dir).resolve()
     with tempfile.TemporaryDirectory() as staging:
         saved = save_checkpoint(Path(staging) / "checkpoint", model, model_config, prep_config, threshold,
-                                metadata=metadata, threshold_quantile=THRESHOLD_QUANTILE)
+                                metadata=metadata, threshold_quantile=THRESHOLD_QUANTILE,
+                                calibration=calibration.to_dict())
         published = publish_checkpoint(saved, out_dir.parent, out_dir.name)
     logger.info("kept epoch %d (%s); threshold %.6g; model version %s at %s (%s points at it)", best["epoch"],
                 metric, threshold, published.model_version, published.path, out_dir)

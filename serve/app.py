@@ -59,12 +59,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgad import __version__
 from ecgad.config import PrepConfig
+from ecgad.drift import DEFAULT_WINDOW, Calibration, DriftWindow
 from ecgad.log import get_logger
 from ecgad.preprocess import prepare
 from ecgad.scoring import score_isolated
 from ecgad.synth import generate_ecg
 from ecgad.types import Prepared, Record, Rejection, Scores
-from serve import bodies
+from serve import bodies, metrics
 from serve.guard import LOOPBACK_HOSTS, GuardPolicy, RequestGuard, install
 from serve.schemas import SCORING_FAILED, ModelInfo, ReadyBody, RejectionBody, ScoreRequest, ScoreResponse
 from serve.work import Busy, WorkSlots
@@ -125,6 +126,9 @@ class AppArgs(BaseModel):
                                description="how long a request waits for a work slot before its 503")
     ready_ttl_s: float = Field(default=5.0, gt=0, le=300,
                                description="how long /readyz answers from its last model probe")
+    drift_window: int = Field(default=DEFAULT_WINDOW, ge=10, le=1_000_000,
+                              description="recent scores per model replica compared with the checkpoint's "
+                                          "calibration scores for the drift gauges (ecgad.drift)")
 
 
 # --------------------------------------------------------------------------------------------- model deployment
@@ -137,7 +141,7 @@ class ECGModel:
     """
 
     def __init__(self, checkpoint: str, mode: str = "full", device: str | None = None,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, drift_window: int = DEFAULT_WINDOW) -> None:
         import torch
 
         from ecgad.checkpoint import load_checkpoint
@@ -155,12 +159,19 @@ class ECGModel:
         self._lock = threading.Lock()
         self._canned = prepare(canned_record(), self.scorer.prep_config)
         self._batching = BatchConfig()
+        self.metrics = metrics.ModelMetrics(self.checkpoint.model_version)
+        self._waiting = 0   # records in this replica, for the queue-depth gauge
+        self.metrics.queue_depth.set(0)
+        self.drift = (DriftWindow(Calibration.from_dict(self.checkpoint.calibration), drift_window)
+                      if self.checkpoint.calibration else None)
+        if self.drift is None:
+            logger.warning("checkpoint %s holds no score calibration: no drift gauges", self.checkpoint.path)
         self._probe()   # a replica that cannot score must never become ready
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._batching = BatchConfig.model_validate(user_config)
-        self.score.set_max_batch_size(self._batching.max_batch_size)
-        self.score.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+        self._score_batch.set_max_batch_size(self._batching.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
 
     def _score_now(self, prepared: list[Prepared], with_maps: bool) -> list[Scores | Exception]:
         """Scores, or in its place the exception of a record the model failed on (`ecgad.scoring.score_isolated`:
@@ -169,16 +180,40 @@ class ECGModel:
             outcomes = score_isolated(self.scorer, prepared, with_maps=with_maps)
         return [_portable(outcome, record.record_id) for outcome, record in zip(outcomes, prepared)]
 
+    async def score(self, prepared: Prepared, with_map: bool) -> tuple[Scores | Exception, str]:
+        """One record's outcome and the model version that produced it, scored in a batch with the records of
+        concurrent requests (`_score_batch`); counted in the queue-depth gauge while it is here."""
+        self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
+        try:
+            return await self._score_batch(prepared, with_map, time.monotonic())
+        finally:
+            self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
+
     @serve.batch(max_batch_size=BatchConfig().max_batch_size,
                  batch_wait_timeout_s=BatchConfig().batch_wait_timeout_s)
-    async def score(self, prepared: list[Prepared],
-                    with_maps: list[bool]) -> list[tuple[Scores | Exception, str]]:
+    async def _score_batch(self, prepared: list[Prepared], with_maps: list[bool],
+                           arrived: list[float]) -> list[tuple[Scores | Exception, str]]:
         """Score the records of concurrent requests in one batch (maps for all if any request wants one: a batch
         is one pass over the model) and tag each result with the model version that produced it. A record the
         model fails on gets its exception as its result (returned, not raised: raising would fail every request
         of the batch), which the ingress answers for that request alone."""
+        started = time.monotonic()
         results = await asyncio.to_thread(self._score_now, prepared, any(with_maps))
+        self._record(results, [started - t for t in arrived], time.monotonic() - started)
         return [(result, self.scorer.model_version) for result in results]
+
+    def _record(self, results: list[Scores | Exception], waits_s: list[float], model_s: float) -> None:
+        """The batch's metrics, and its scores into the drift window (probes never come here)."""
+        self.metrics.batch(len(results), waits_s, model_s)
+        scored = [r for r in results if isinstance(r, Scores)]
+        self.metrics.scored([s.pred_score for s in scored], [s.pred_label for s in scored])
+        if self.drift is not None and scored:
+            self.drift.add([s.pred_score for s in scored], [s.pred_label for s in scored])
+            reading = self.drift.reading()
+            if reading is not None:
+                self.metrics.drift(reading)
 
     def _probe(self) -> None:
         (result,) = self._score_now([self._canned], with_maps=True)
@@ -238,6 +273,7 @@ app = FastAPI(
 )
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 app.add_middleware(RequestGuard)   # before serve.ingress copies the app; its policy comes from the replica's args
+app.add_middleware(metrics.RequestMetrics)   # outermost: counts the guard's answers too
 
 _bearer = HTTPBearer(auto_error=False, description=f"required when the service has {TOKEN_ENV} set")
 
@@ -257,8 +293,14 @@ class ServiceUnavailable(Exception):
     """The model deployment cannot take the request now (queue full, replica gone); the client should retry."""
 
 
+def _count_rejection(reason: str) -> None:
+    if metrics.RequestMetrics.metrics is not None:
+        metrics.RequestMetrics.metrics.rejections.inc(tags={"reason": reason})
+
+
 @app.exception_handler(Rejection)
 async def _rejected(request: Request, exc: Rejection) -> JSONResponse:
+    _count_rejection(exc.code)
     return JSONResponse(bodies.rejection_body(exc), status_code=422)
 
 
@@ -281,6 +323,7 @@ async def _unsupported(request: Request, exc: bodies.UnsupportedMediaType) -> JS
 
 @app.exception_handler(ScoringFailed)
 async def _scoring_failed(request: Request, exc: ScoringFailed) -> JSONResponse:
+    _count_rejection(SCORING_FAILED)
     return JSONResponse(bodies.error_body(f"{SCORING_FAILED}:{exc}", SCORING_FAILED,
                                           "the model could not score this record"), status_code=422)
 
@@ -353,6 +396,7 @@ class ECGIngress:
         self.prep_config = checkpoint_prep_config(args.checkpoint)
         self.canned = prepare(canned_record(), self.prep_config)
         self.work = WorkSlots(args.work_slots, args.work_wait_s)
+        self.metrics = metrics.install()
         self.ready_ttl_s = args.ready_ttl_s
         self._readiness: tuple[float, int, dict[str, Any]] | None = None   # (monotonic time, status, body)
         self._readiness_lock = asyncio.Lock()
@@ -383,8 +427,12 @@ class ECGIngress:
                                           bodies.parse_lead_names(lead_names), record_id)
 
             def parse_and_prepare() -> tuple[Record, Prepared]:
-                record = parse()
-                return record, prepare(record, self.prep_config)
+                started = time.perf_counter()
+                try:
+                    record = parse()
+                    return record, prepare(record, self.prep_config)
+                finally:
+                    self.metrics.preparation.observe(time.perf_counter() - started)
 
             return await slot.offload(functools.partial(bodies.typed_errors, parse_and_prepare))
 
@@ -408,7 +456,12 @@ class ECGIngress:
         step = bodies.parse_map_spec(map_spec)
         _, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
         scores, model_version = await self._score(prepared, with_map=step is not None)
-        text = await self.work.run(lambda: json.dumps(bodies.score_body(scores, model_version, step)))
+
+        def encode() -> str:
+            return json.dumps(bodies.score_body(scores, model_version, step))
+
+        # Without a map the answer is a few hundred bytes: cheaper encoded here than via a work slot and a thread.
+        text = encode() if step is None else await self.work.run(encode)
         return Response(text, media_type=bodies.JSON_TYPE)
 
     @app.post("/v1/score/plot", summary="Score one ECG and plot it with its anomaly map",
@@ -484,7 +537,8 @@ def bind_app(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     logger.info("application pinned to model version %s (%s)", model_version_at(args.checkpoint), args.checkpoint)
     options = options or {}
     model = ECGModel.options(**options.get(ECGModel.name, {})).bind(
-        checkpoint=args.checkpoint, mode=args.mode, device=args.device, cpu_threads=args.cpu_threads)
+        checkpoint=args.checkpoint, mode=args.mode, device=args.device, cpu_threads=args.cpu_threads,
+        drift_window=args.drift_window)
     return ECGIngress.options(**options.get(ECGIngress.name, {})).bind(model, args)
 
 
@@ -628,10 +682,20 @@ def _deploy(applications: list[ServeApplicationSchema], timeout_s: float) -> Non
         raise TimeoutError(f"Serve applications not running after {timeout_s:g} s: {statuses}") from None
 
 
+def metrics_url() -> str:
+    """Where this node's Ray Prometheus endpoint serves every process's metrics, ours (`serve.metrics`) included.
+    Ray listens on every interface unless the node's address is a loopback one: firewall the port."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    (node,) = [node for node in ray.nodes() if node["NodeID"] == node_id]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
               config: str | Path | dict[str, Any] | None = None, blocking: bool = True,
               timeout_s: float = 300.0, behind_auth_proxy: bool = False,
-              allowed_hosts: list[str] | None = None) -> str:
+              allowed_hosts: list[str] | None = None, metrics_port: int | None = None) -> str:
     """Deploy the service from a Serve config through Serve's public Python API; returns its base URL.
 
     It deploys what ``serve deploy`` of that config deploys: the HTTP options and proxy location (``serve.start``),
@@ -644,6 +708,8 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     Where Ray is not initialized yet, it starts a new local Ray instance, or connects to the cluster ``RAY_ADDRESS``
     names, but never silently joins whatever cluster another process on the machine last started (``ray.init()``'s
     default). ``blocking`` serves until Ctrl-C; Ctrl-C, also during deployment, shuts Serve down.
+    ``metrics_port`` is the port of the new local Ray instance's Prometheus endpoint (`metrics_url`; Ray picks one
+    without it); a cluster that is already running keeps the port it was started with.
 
     Safe by default: a non-loopback ``host`` needs a token (`check_exposure`) unless ``behind_auth_proxy``; the
     trusted Host names are the loopback ones (plus ``host``) unless ``allowed_hosts`` or the config says otherwise.
@@ -653,7 +719,11 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     data = load_config(config, checkpoint, host, port, allowed_hosts)
     check_exposure(data, behind_auth_proxy)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, **({"_metrics_export_port": metrics_port} if address == "local" and metrics_port
+                                     else {}))
+    if metrics_port and not metrics_url().endswith(f":{metrics_port}/metrics"):
+        logger.warning("Ray was started before: its metrics are at %s, not on port %d", metrics_url(), metrics_port)
     _fit_gpus(data, ray.cluster_resources().get("GPU", 0))
     schema = ServeDeploySchema.model_validate(data)
     url = f"http://{host}:{port}"
@@ -661,7 +731,8 @@ def run_local(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
         serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump())
         _deploy(schema.applications, timeout_s)
         if blocking:
-            logger.info("ecgad service at %s/ (API docs at %s/docs); Ctrl-C stops it", url, url)
+            logger.info("ecgad service at %s/ (API docs at %s/docs), Prometheus metrics at %s; Ctrl-C stops it",
+                        url, url, metrics_url())
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

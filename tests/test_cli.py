@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ecgad.cli import main
+from ecgad.drift import Calibration
 
 INSPECT_KEYS = {"path", "status", "reason", "fs", "leads", "samples", "r_peaks", "n_beats"}
 
@@ -54,6 +55,11 @@ def test_train_local_then_score_with_json_maps_and_plot(tmp_path, capsys, sample
     assert main(["train-local", "--data", str(data), "--out", str(ckpt), "--config", "small", "--epochs", "1",
                  "--batch-size", "8", "--device", "cpu"]) == 0
     assert (ckpt / "weights.pt").is_file() and (ckpt / "config.json").is_file()
+    # The score calibration the service's drift gauges compare with: the fold-9 normals the threshold was set on.
+    saved = json.loads((ckpt / "config.json").read_text())
+    calibration = Calibration.from_dict(saved["calibration"])
+    assert calibration.n == saved["metadata"]["threshold_calibration"]["n"] > 0
+    assert calibration.quantiles[95] == pytest.approx(saved["threshold"])
     capsys.readouterr()
 
     long_record = sample_data / "other_12lead" / "ptbdb" / "s0010_re.hea"     # 1000 Hz, 38.4 s

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecgad.checkpoint import load_checkpoint
+from ecgad.drift import QUANTILE_LEVELS, Calibration
 from ecgad.io import read_record
 from ecgad.metrics import calibrate_threshold
 from ecgad.preprocess import prepare
@@ -158,6 +160,11 @@ def test_two_workers_on_two_nodes_stream_shards_and_export_a_scorer_checkpoint(d
     assert scorer.threshold == pytest.approx(expected, rel=1e-5)
     assert summary["best"]["threshold"] == pytest.approx(expected, rel=1e-5)
     assert summary["epochs"][best_epoch]["val_normals"] == len(normals)
+    # ... and its score calibration (the drift reference) is those scores' distribution.
+    calibration = Calibration.from_dict(load_checkpoint(out / "best").calibration)
+    assert calibration.n == len(normals)
+    assert calibration.quantiles == pytest.approx(np.quantile([s.pred_score for s in scores], QUANTILE_LEVELS),
+                                                  rel=1e-5)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(data, tmp_path, capfd):

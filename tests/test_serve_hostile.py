@@ -186,8 +186,8 @@ def test_a_record_the_model_fails_on_fails_alone(checkpoint):
     window = good.windows[0]
     broken = dataclasses.replace(good, record_id="broken",
                                  windows=[dataclasses.replace(window, beats=window.beats[:, :5])])
-    batch = ECGModel.func_or_class.score.__wrapped__        # the method under @serve.batch
-    outcomes = asyncio.run(batch(replica, [good, broken, good], [False, False, False]))
+    batch = ECGModel.func_or_class._score_batch.__wrapped__        # the method under @serve.batch
+    outcomes = asyncio.run(batch(replica, [good, broken, good], [False, False, False], [0.0, 0.0, 0.0]))
     first, failed, last = (outcome for outcome, _ in outcomes)
     assert isinstance(first, Scores) and isinstance(last, Scores)
     assert first.pred_score == pytest.approx(last.pred_score)

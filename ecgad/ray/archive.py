@@ -38,6 +38,7 @@ from ecgad.atomic import write_json
 from ecgad.checkpoint import load_checkpoint, resolve_checkpoint
 from ecgad.inputs import input_kind
 from ecgad.log import get_logger
+from ecgad.ray import metrics as job_metrics
 from ecgad.ray.data import plan_chunks
 from ecgad.ray.scoring import scoring_pipeline
 from ecgad.results import scored_chunks, storable_maps
@@ -77,6 +78,9 @@ class ChunkSink(Datasink):
                     self.layout.commit(storable_maps(maps), self.layout.maps / name)
                 self.layout.commit(results, self.layout.records / name)
                 counts = dict(Counter(results.column("status").to_pylist()))
+                job_metrics.count("ecgad_archive_chunks_total")
+                for status, n in counts.items():
+                    job_metrics.count("ecgad_archive_records_total", n, {"status": status})
                 stats.append({"chunk": chunk, "records": results.num_rows, **counts})
                 log.info(f"committed {name}: {results.num_rows} records ("
                          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ")")

@@ -49,6 +49,7 @@ from ecgad.checkpoint import POINTER, publish_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.log import get_logger
 from ecgad.model import MCF, MCFConfig, unwrap
+from ecgad.ray import metrics as job_metrics
 from ecgad.shards import training_arrays
 from ecgad.train import BASE_LR, SELECTION_ORDER, EpochStats, sample_beats, seeded_generator, selection_key
 
@@ -203,8 +204,11 @@ def _resume(settings: TrainSettings) -> tuple[MCF, dict[str, Any] | None]:
     return model.train(), state
 
 
-def _validate(model: torch.nn.Module, shard, settings: TrainSettings, device: torch.device) -> dict[str, Any]:
-    """Validation loss of the fold-9 normals and scores of every fold-9 record, over all workers."""
+def _validate(model: torch.nn.Module, shard, settings: TrainSettings,
+              device: torch.device) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Validation loss of the fold-9 normals and scores of every fold-9 record, over all workers; and the
+    calibration (`ecgad.drift.Calibration`) of the normals' scores, None when fold 9 has none."""
+    from ecgad.drift import Calibration
     from ecgad.metrics import calibrate_threshold, record_auroc
     from ecgad.rows import row_to_prepared
     from ecgad.scoring import Scorer
@@ -231,16 +235,17 @@ def _validate(model: torch.nn.Module, shard, settings: TrainSettings, device: to
     normal_scores = [s for is_normal, s in scored if is_normal]
     labels = [0 if is_normal else 1 for is_normal, _ in scored]
     auroc = record_auroc(labels, [s for _, s in scored]) if scored else math.nan
+    threshold = calibrate_threshold(normal_scores, settings.threshold_quantile) if normal_scores else math.nan
     return {
         "val_loss": loss_sum / loss_n if loss_n else math.nan,
         "val_auroc": auroc,
         "val_records": len(scored), "val_normals": len(normal_scores),
-        "threshold": calibrate_threshold(normal_scores, settings.threshold_quantile) if normal_scores else math.nan,
-    }
+        "threshold": threshold,
+    }, Calibration.from_scores(normal_scores, threshold).to_dict() if normal_scores else None
 
 
 def _checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
-                epoch: int, history: list[dict[str, Any]], threshold: float):
+                epoch: int, history: list[dict[str, Any]], threshold: float, calibration: dict[str, Any] | None):
     """This epoch's ecgad checkpoint plus the training state, as a Ray checkpoint."""
     import ray.train
 
@@ -248,7 +253,7 @@ def _checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
 
     save_checkpoint(directory, unwrap(model), MCFConfig.from_dict(settings.model_config),
                     PrepConfig.from_dict(settings.prep_config), threshold,
-                    threshold_quantile=settings.threshold_quantile,
+                    threshold_quantile=settings.threshold_quantile, calibration=calibration,
                     metadata={"epoch": epoch, "selected_by": settings.select_by,
                               "history": [_json_ready(m) for m in history], "settings": settings.to_dict()})
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history},
@@ -335,13 +340,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             seeded_generator(settings.seed, epoch, rank))
         workers: list[WorkerEpoch] = _gather(WorkerEpoch(ray.get_runtime_context().get_node_id(), stats))
         _align_replicas(model)
-        metrics = {**_epoch_metrics(epoch, lr, workers), **_validate(model, val_shard, settings, device)}
+        validation, calibration = _validate(model, val_shard, settings, device)
+        metrics = {**_epoch_metrics(epoch, lr, workers), **validation}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = (_checkpoint(Path(tmp) / "checkpoint", model, optimizer, settings, epoch, history,
-                                      metrics["threshold"]) if rank == 0 else None)
+                                      metrics["threshold"], calibration) if rank == 0 else None)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
+            job_metrics.count("ecgad_train_epochs_total")
+            job_metrics.count("ecgad_train_samples_total", metrics["train_samples"])
             logger.info("epoch %d reported: %s", epoch, ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
