@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -352,8 +353,7 @@ def _manifest_tables(manifest: str) -> Iterator[pa.Table]:
         raise InputError(f"{manifest}: a manifest needs a 'path' column")
     for batch in batches:
         listed = batch.column("path").cast(pa.string())
-        absolute = pc.or_(pc.starts_with(listed, "/"), pc.match_substring(listed, "://"))
-        paths = pc.if_else(absolute, listed, _joined(parent(manifest), listed))
+        paths = pc.if_else(pc.starts_with(listed, "/"), listed, _joined(parent(manifest), listed))
         default_ids = pc.replace_substring_regex(listed, pattern=_SUFFIX, replacement=r"\1")
         paths, default_ids = _through_pathlib(parent(manifest), listed, paths, default_ids)
         given = batch.column("record_id").cast(pa.string()) if "record_id" in columns else None
@@ -364,12 +364,19 @@ def _manifest_tables(manifest: str) -> Iterator[pa.Table]:
 
 def _through_pathlib(base: str, listed: pa.Array, paths: pa.Array,
                      default_ids: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """``paths`` and ``default_ids`` with the rows that pathlib would normalize (`_NEEDS_PATHLIB`) done by pathlib."""
+    """``paths`` and ``default_ids`` with the rows that pathlib would normalize (`_NEEDS_PATHLIB`) done by pathlib
+    (by ``posixpath.normpath`` under a URI; a row that is a URI itself stays as it is)."""
     odd = pc.fill_null(pc.match_substring_regex(listed, _NEEDS_PATHLIB), True)
     if not pc.any(odd).as_py():
         return paths, default_ids
     paths_list, ids_list = paths.to_pylist(), default_ids.to_pylist()
     for i in pc.indices_nonzero(odd).to_pylist():
-        paths_list[i] = join(base, listed[i].as_py()) if is_uri(base) else str(Path(base) / listed[i].as_py())
+        text = listed[i].as_py()
+        if is_uri(text):
+            paths_list[i] = text
+        elif is_uri(base) and not text.startswith("/"):
+            paths_list[i] = join(base, posixpath.normpath(text))
+        else:
+            paths_list[i] = str(Path(base) / text)
         ids_list[i] = Path(listed[i].as_py()).with_suffix("").as_posix()
     return pa.array(paths_list, pa.string()), pa.array(ids_list, pa.string())

@@ -4,8 +4,9 @@ A module-scoped fixture starts moto's standalone S3 server on 127.0.0.1 (a free 
 variables at it (``AWS_ENDPOINT_URL``, keys, region) before Ray starts, so the Ray workers read them too. Then:
 ``ecgad synth`` -> upload -> ``jobs.preprocess`` -> ``jobs.train`` (Ray Train's storage on S3, 2 workers, 1 epoch)
 -> ``jobs.evaluate`` -> ``jobs.score_archive`` (input and output on S3; the first run killed with SIGKILL once a
-chunk is committed, the rerun resumes: every input exactly once) -> ``ecgad score`` loading its checkpoint from
-S3 (``RUN/best``, a pointer file there). Scores are compared with the local-path run of the same checkpoint.
+chunk is committed, the rerun resumes: every input exactly once) -> ``ecgad score`` and the service (Ray Serve)
+loading their checkpoint from S3 (``RUN/best``, a pointer file there). Scores are compared with the local-path run
+of the same checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 from ecgad import storage
 from ecgad.checkpoint import MODELS_DIR, POINTER, load_checkpoint
 from ecgad.cli import main as cli_main
-from ecgad.inputs import list_inputs
+from ecgad.inputs import Source, input_kind, list_inputs, list_source
 from ecgad.rows import read_file
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
@@ -207,3 +208,30 @@ def test_score_loads_its_checkpoint_from_s3_like_the_local_copy(chain, tmp_path,
     assert answers["s3"]["pred_score"] == pytest.approx(answers["local"]["pred_score"], rel=1e-5)
     cached = Path(os.environ["ECGAD_CACHE_DIR"]) / "checkpoints" / version
     assert load_checkpoint(cached).model_version == version   # the one local copy, under its version
+
+
+def test_the_service_loads_its_checkpoint_from_s3_and_scores_like_the_local_copy(chain, tmp_path):
+    from serve.testing import local_config, local_service
+
+    version, local_checkpoint = _local_copy_of_version(chain["run"], tmp_path)
+    record = read_file(chain["local"] / "records500" / "00000" / "00002_hr.hea")
+    body = {"signal": record.signal.tolist(), "fs": record.fs, "record_id": "r2"}
+    with local_service(f"{chain['run']}/{POINTER}", local_config(args={"mode": "fast"})) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            answer = client.post("/v1/score?map=none", json=body)
+            model = client.get("/v1/model").json()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] == model["model_version"] == version
+    scorer = Scorer.from_checkpoint(local_checkpoint, mode="fast")
+    (expected,) = scorer.score_prepared([prepare(validate(record), scorer.prep_config)], with_maps=False)
+    assert answer.json()["pred_score"] == pytest.approx(expected.pred_score, rel=1e-5)
+
+
+def test_a_manifest_on_s3_names_records_relative_to_it_or_by_uri(s3):
+    manifest = f"{s3}/manifests/archive.csv"
+    storage.put(manifest, b"path,record_id\nrecs/a.npy,\ns3://other-bucket/b.npy,bee\n./recs/c.npy,\n")
+    assert input_kind(manifest) == "manifest"
+    _, slices = list_source(Source("manifest", manifest), chunk_size=4)
+    (listed,) = [row for table in slices for row in table.to_pylist()]
+    assert listed["paths"] == [f"{s3}/manifests/recs/a.npy", "s3://other-bucket/b.npy", f"{s3}/manifests/recs/c.npy"]
+    assert listed["record_ids"] == ["recs/a", "bee", "recs/c"]

@@ -71,8 +71,8 @@ def _walk(task: Any, first: Any, *args: Any) -> list[tuple[Any, Any, ObjectRefGe
 
 def list_slices(input_path: str, chunk_size: int) -> list[ObjectRef[pa.Table]]:
     """The records of any input (`ecgad.inputs.input_kind`; ``input_path`` a URI or an absolute, resolved path:
-    `ecgad.storage.normalize`) as refs to
-    `ecgad.inputs.SLICE_SCHEMA` tables, in a deterministic order (by folder, then position)."""
+    `ecgad.storage.normalize`) as refs to `ecgad.inputs.SLICE_SCHEMA` tables, in a deterministic order (by folder,
+    then position)."""
     finished = _walk(_list_sources, Source(input_kind(input_path), str(input_path)), chunk_size)
     return [ref for _, _, generator in sorted(finished, key=_folder_of) for ref in generator]
 
