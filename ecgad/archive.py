@@ -11,8 +11,9 @@ Layout under the output directory::
     summary.json                   counts by status and reason, records/s, wall time
 
 A chunk's records file is its commit marker: written last, atomically (`ecgad.atomic`: a hidden temporary renamed
-into place, which no Parquet reader lists), so a chunk is either wholly on disk or absent, and a rerun skips
-exactly the committed chunks.
+into place, which no Parquet reader lists; on object storage one upload, which appears whole or not at all), so a
+chunk is either wholly stored or absent, and a rerun skips exactly the committed chunks. The output directory may be
+a URI (`ecgad.storage`); then ``root`` is a string, else a ``Path``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.dataset as pads
 
 from ecgad.atomic import remove_temporaries, write_json, write_parquet
 from ecgad.results import RESULT_SCHEMA
+from ecgad.storage import filesystem, is_dir, is_file, join, list_names, read_text
 
 #: Records per committed chunk: the unit of resumption (work lost to a kill) and of output files. 128 records make
 #: files of ~10 kB of results (~1.5 MB of maps), few enough files for 10^6 records, and a prepared chunk of ~60 MB.
@@ -46,23 +48,23 @@ class ArchiveError(Exception):
 class ArchiveLayout:
     """Where everything lives under the output directory, and the atomic commit of one file."""
 
-    root: Path
+    root: Path | str
 
     @property
-    def records(self) -> Path:
-        return self.root / "records"
+    def records(self) -> Path | str:
+        return join(self.root, "records")
 
     @property
-    def maps(self) -> Path:
-        return self.root / "maps"
+    def maps(self) -> Path | str:
+        return join(self.root, "maps")
 
     @property
-    def job_file(self) -> Path:
-        return self.root / "_job.json"
+    def job_file(self) -> Path | str:
+        return join(self.root, "_job.json")
 
     @property
-    def summary_file(self) -> Path:
-        return self.root / "summary.json"
+    def summary_file(self) -> Path | str:
+        return join(self.root, "summary.json")
 
     @staticmethod
     def chunk_name(chunk: str) -> str:
@@ -70,14 +72,15 @@ class ArchiveLayout:
 
     def committed_chunks(self) -> set[str]:
         """Ids of the chunks whose records file is in place (the records file is the commit marker)."""
-        return {path.name[len("chunk-"):-len(".parquet")] for path in self.records.glob("chunk-*.parquet")}
+        return {name[len("chunk-"):-len(".parquet")] for name in list_names(self.records)
+                if name.startswith("chunk-") and name.endswith(".parquet")}
 
     def remove_partial_files(self) -> int:
         """Delete temporaries a killed run left behind; returns how many. Only safe with one job per output."""
         return remove_temporaries(self.records) + remove_temporaries(self.maps)
 
     @staticmethod
-    def commit(table: pa.Table, final: Path) -> None:
+    def commit(table: pa.Table, final: Path | str) -> None:
         """Write ``table`` as the Parquet file ``final`` (zstd), atomically: a reader or a rerun sees no file or the
         complete one."""
         write_parquet(final, table)
@@ -85,8 +88,8 @@ class ArchiveLayout:
     def check_or_write_job(self, job: dict[str, Any]) -> bool:
         """Record the run's settings on the first run; on a rerun refuse different ones. True when resuming."""
         job = {**job, "output_format": OUTPUT_FORMAT}
-        if self.job_file.is_file():
-            stored = json.loads(self.job_file.read_text())
+        if is_file(self.job_file):
+            stored = json.loads(read_text(self.job_file))
             diff = {k: (stored.get(k), v) for k, v in job.items() if stored.get(k) != v}
             if diff:
                 raise ArchiveError(f"{self.root} holds a run with other settings ("
@@ -102,8 +105,9 @@ def summarize(layout: ArchiveLayout) -> dict[str, Any]:
     record batches, so it needs no memory in proportion to the archive."""
     by_status: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
-    if layout.records.is_dir():
-        dataset = pads.dataset(layout.records, format="parquet", schema=RESULT_SCHEMA)
+    if is_dir(layout.records):
+        fs, path = filesystem(layout.records)
+        dataset = pads.dataset(path, format="parquet", schema=RESULT_SCHEMA, filesystem=fs)
         for batch in dataset.to_batches(columns=["status", "reason"]):
             for status, reason in zip(batch.column("status").to_pylist(), batch.column("reason").to_pylist()):
                 by_status[status] += 1

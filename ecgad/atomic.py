@@ -4,10 +4,14 @@ Every writer of the project goes through here. A file is written under a hidden 
 (``.NAME.<random>.tmp``: no Parquet reader lists names starting with ``.``, and `remove_temporaries` can find what
 a killed run left), flushed and fsynced, then renamed over the final name; a rename within one folder is atomic on
 POSIX file systems. A directory is assembled under a temporary sibling and swapped in whole (`replace_directory`).
+
+A file given as a URI (object storage, `ecgad.storage`) is written in one upload instead: an object appears whole
+or not at all, so there is no temporary to rename and none for `remove_temporaries` to find.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from ecgad.storage import is_uri, put
 
 TMP_SUFFIX = ".tmp"
 
@@ -28,7 +34,14 @@ def temporary_name(final: Path) -> Path:
 
 @contextmanager
 def atomic_file(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary for writing; on a clean exit fsync it and rename it to ``final``, else delete it."""
+    """Open a temporary for writing; on a clean exit fsync it and rename it to ``final``, else delete it. For a URI,
+    an in-memory file uploaded as ``final`` on a clean exit (module docstring)."""
+    if is_uri(final):
+        buffer: IO[Any] = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        put(str(final), data if isinstance(data, bytes) else data.encode("utf-8"))
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(final)
@@ -69,7 +82,9 @@ def write_parquet(final: str | Path, table: Any, compression: str = "zstd") -> N
 
 def remove_temporaries(folder: str | Path) -> int:
     """Delete the temporaries a killed writer left in ``folder``; returns how many. Only safe when no other writer
-    is working in that folder."""
+    is working in that folder. Object storage (a URI) holds none (module docstring)."""
+    if is_uri(folder):
+        return 0
     temporaries = list(Path(folder).glob(f".*{TMP_SUFFIX}"))
     for path in temporaries:
         path.unlink(missing_ok=True)

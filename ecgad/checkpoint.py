@@ -23,8 +23,12 @@ Why the pointer is a relative symbolic link and not a pointer file: every reader
 Ray's, a user's ``ls`` or ``cat best/config.json``) follows a link without knowing about it, so ``RUN/best`` keeps
 working as a checkpoint argument everywhere; a rename swaps it atomically (`ecgad.atomic.replace_symlink`); and
 being relative, it means the same on every node that mounts the run directory under another path, and survives
-copying the run directory. Object stores have no links: a run directory there would need a small pointer file,
-read in `resolve_checkpoint`, the one place that interprets the pointer.
+copying the run directory. Object stores have no links: a run directory given as a URI (``s3://...``,
+`ecgad.storage`) holds ``RUN/best`` as a small pointer file naming the version folder (``models/<version>``),
+uploaded in one piece (so swapped atomically), and read in `resolve_checkpoint`, the one place that interprets the
+pointer. A checkpoint on object storage is loaded from a local copy, downloaded once per node into
+``<ecgad.storage.cache_dir()>/checkpoints/<version>/`` (a version never changes, so the copy never goes stale), and
+checked against its recorded hash like any other.
 
 Writes are atomic: a directory is assembled under a temporary name next to the target and renamed into place, so
 a reader (a Serve replica, a batch job) never sees half a checkpoint.
@@ -52,6 +56,8 @@ from ecgad.atomic import publish_directory, replace_directory, replace_symlink, 
 from ecgad.config import PrepConfig
 from ecgad.model import MCF, MCFConfig, load_published_state_dict
 from ecgad.settings import REPO_ROOT
+from ecgad.storage import (StorageError, cache_dir, is_file, is_uri, join, normalize, parent, put, read_bytes,
+                           read_text)
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -79,7 +85,7 @@ class Checkpoint:
     model_version: str                    # `model_version_of`: the name of its directory under models/
     git_commit: str
     created: str
-    path: Path
+    path: Path | str                      # a local directory, or the URI it was loaded from
     metadata: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None   # `ecgad.drift.Calibration.to_dict` of the threshold's scores
 
@@ -168,6 +174,8 @@ def model_version_of(config: dict[str, Any]) -> str:
 def model_version_at(directory: str | Path) -> str:
     """The version of the checkpoint at ``directory``, from its ``config.json`` alone (the weights are neither read
     nor checked: `load_checkpoint` does that)."""
+    if is_uri(directory):
+        return model_version_of(_remote_config(str(directory)))
     directory = Path(directory)
     _require_files(directory, (CONFIG_FILE,))
     try:
@@ -186,7 +194,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The directory a checkpoint argument stands for now, as an absolute path: ``RUN/best`` becomes the version
     directory it points at (a plain checkpoint directory is itself). Resolve once, at start, and give the result,
     never the pointer, to every process and replica, so that all of them load the same model even if training
-    publishes a new one meanwhile. Raises `CheckpointError` when there is no checkpoint there."""
+    publishes a new one meanwhile. Raises `CheckpointError` when there is no checkpoint there. A URI resolves to
+    a URI: a pointer file (module docstring) to the version folder it names."""
+    if is_uri(path):
+        return _resolve_remote(normalize(path))
     directory = Path(path).resolve()
     _require_files(directory, (CONFIG_FILE,))
     return directory
@@ -219,6 +230,8 @@ def publish_checkpoint(source: str | Path, run_dir: str | Path, pointer: str = P
     version keeps reading the same bytes. A ``pointer`` that is still a real checkpoint directory (written before
     versions existed) is first published as a version of its own, so replacing it by the link loses no model.
     """
+    if is_uri(run_dir):
+        return _publish_remote(Path(source), normalize(run_dir), pointer)
     run_dir = Path(run_dir).resolve()
     models = run_dir / MODELS_DIR
     models.mkdir(parents=True, exist_ok=True)
@@ -253,8 +266,14 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
 
     Raises ``CheckpointError`` naming what is wrong: a missing file, weights whose hash differs from the one
     recorded, a stored model config that differs from ``expected_model_config`` (field by field), or weights that
-    do not fit the stored config (key by key).
+    do not fit the stored config (key by key). A URI is loaded from its local copy (module docstring), its
+    ``path`` the URI of the version folder (a pointer file is followed).
     """
+    if is_uri(directory):
+        uri = _resolve_remote(normalize(directory))
+        loaded = load_checkpoint(_local_copy(uri), device, expected_model_config)
+        loaded.path = uri
+        return loaded
     directory = Path(directory)
     _require_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
     try:
@@ -296,6 +315,55 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
         model_version=model_version_of(config), git_commit=commit,
         created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}),
         calibration=config.get("calibration"))
+
+
+# -- on object storage (module docstring) ----------------------------------------------------------------------
+
+def _remote_config(uri: str) -> dict[str, Any]:
+    try:
+        return json.loads(read_text(join(uri, CONFIG_FILE)))
+    except StorageError as err:
+        raise CheckpointError(f"{uri} is not an ecgad checkpoint: {CONFIG_FILE} is missing") from err
+    except ValueError as err:
+        raise CheckpointError(f"{join(uri, CONFIG_FILE)} is not a valid checkpoint config: {err}") from err
+
+
+def _resolve_remote(uri: str) -> str:
+    """A checkpoint folder URI as it is, or the version folder a pointer file at ``uri`` names."""
+    if is_file(uri):
+        uri = join(parent(uri), read_text(uri).strip())
+    _remote_config(uri)
+    return uri
+
+
+def _local_copy(uri: str) -> Path:
+    """The local copy of the checkpoint at ``uri``, downloaded once into the cache, under its version."""
+    local = cache_dir() / "checkpoints" / model_version_of(_remote_config(uri))
+    if not (local / CONFIG_FILE).is_file():
+        tmp = temporary_directory(local)
+        try:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                (tmp / name).write_bytes(read_bytes(join(uri, name)))
+            publish_directory(tmp, local)
+        except StorageError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{uri} is not an ecgad checkpoint: {err}") from err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return local
+
+
+def _publish_remote(source: Path, run_uri: str, pointer: str) -> Checkpoint:
+    """`publish_checkpoint` to a run folder on object storage: the version's files uploaded once (``config.json``
+    last), then the pointer file."""
+    version = load_checkpoint(source).model_version   # checks the weights against their hash before uploading
+    target = join(run_uri, MODELS_DIR, version)
+    if not is_file(join(target, CONFIG_FILE)):
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            put(join(target, name), (source / name).read_bytes())
+    put(join(run_uri, pointer), f"{MODELS_DIR}/{version}\n".encode())
+    return load_checkpoint(target)
 
 
 def import_published_checkpoint(published_pt: str | Path, out_dir: str | Path,

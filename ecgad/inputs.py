@@ -17,7 +17,7 @@ Jobs that hold the list on the driver (preprocessing, evaluation) take a root as
 scoring lists inputs of any size without the driver ever holding the listing: each source (`Source`: a PTB-XL root,
 a manifest, or one folder of a tree) is listed by `list_source`, in a Ray task (`ecgad.ray.listing`, a few folders
 to a task: `list_sources`), which names the subfolders to list next and streams the source's records as slices. A
-folder is read once (`ecgad.tree`: ``os.scandir``, no ``stat`` per file), by one task; its subfolders are listed by
+folder is read once (`ecgad.tree`: ``os.scandir``, or one listing on object storage; no ``stat`` per file), by one task; its subfolders are listed by
 further tasks.
 
 A chunk is ``chunk_size`` consecutive records of one source, the unit that flows through the scoring pipeline
@@ -34,22 +34,25 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from ecgad.formats import NAMED_SUFFIXES, sniff_format
 from ecgad.io import RECORD_SUFFIXES
 from ecgad.ptbxl import MASK_DIR, load_ptbxl_index
 from ecgad.shards import INDEX_FIELDS
-from ecgad.tree import ROOT, FolderTree, LocalTree, child
+from ecgad.storage import file_type, is_file, is_uri, join, local_copy, normalize, open_input, parent
+from ecgad.storage import name as base_name
+from ecgad.tree import ROOT, FolderTree, child, tree_of
 
 #: Manifest files (a table with a ``path`` column, optionally ``record_id``).
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -87,17 +90,19 @@ class InputError(ValueError):
 
 
 def is_ptbxl_root(root: str | Path) -> bool:
-    return (Path(root) / "ptbxl_database.csv").is_file()
+    return is_file(join(str(root), "ptbxl_database.csv"))
 
 
-def input_kind(path: Path) -> str:
-    """``manifest`` (a CSV/Parquet table with a ``path`` column), ``ptbxl`` (a PTB-XL root) or ``directory``."""
-    if path.is_file():
-        if path.suffix.lower() not in MANIFEST_SUFFIXES:
+def input_kind(path: str | Path) -> str:
+    """``manifest`` (a CSV/Parquet table with a ``path`` column), ``ptbxl`` (a PTB-XL root) or ``directory``;
+    ``path`` is a local path or a URI (`ecgad.storage`)."""
+    kind = file_type(path)
+    if kind == FileType.File:
+        if not str(path).lower().endswith(MANIFEST_SUFFIXES):
             raise InputError(f"{path}: an input file must be a manifest ({', '.join(MANIFEST_SUFFIXES)}) "
                              "with a 'path' column")
         return "manifest"
-    if not path.is_dir():
+    if kind != FileType.Directory:
         raise InputError(f"{path}: no such file or directory")
     return "ptbxl" if is_ptbxl_root(path) else "directory"
 
@@ -126,8 +131,12 @@ def is_record_file(path: Path, root: Path) -> bool:
 
 
 def _is_ecg_xml(path: str, name: str) -> bool:
-    """An ``.xml`` file is a record only if its root element is an ECG format's: a folder may hold other XML."""
-    return name.lower().endswith(".xml") and sniff_format(path) is not None
+    """An ``.xml`` file is a record only if its root element is an ECG format's: a folder may hold other XML (on
+    object storage, read from a local copy)."""
+    if not name.lower().endswith(".xml"):
+        return False
+    with local_copy(path) as local:
+        return sniff_format(local) is not None
 
 
 def folder_records(tree: FolderTree, folder: str) -> tuple[list[str], pa.Array]:
@@ -148,21 +157,27 @@ def folder_records(tree: FolderTree, folder: str) -> tuple[list[str], pa.Array]:
 
 
 def list_record_files(root: str | Path) -> list[Path]:
-    """Every ECG file under ``root`` (any depth, `is_record_file`; symlinks as `ecgad.tree` rules), sorted: the
-    serial form of the listing, for inputs small enough to hold."""
-    tree, found, folders = LocalTree(os.path.realpath(root)), [], [ROOT]
+    """Every ECG file under the local folder ``root`` (any depth, `is_record_file`; symlinks as `ecgad.tree`
+    rules), sorted: the serial form of the listing, for inputs small enough to hold."""
+    return [Path(root, relative) for relative in _relative_record_names(str(root))]
+
+
+def _relative_record_names(root: str) -> list[str]:
+    """The names, relative to the folder ``root`` (a local path or a URI), of every ECG file under it, sorted as
+    paths sort (component by component)."""
+    tree, found, folders = tree_of(root), [], [ROOT]
     while folders:
         folder = folders.pop()
         subfolders, names = folder_records(tree, folder)
         folders += subfolders
-        found += [Path(root, child(folder, name)) for name in names.to_pylist()]
-    return sorted(found)
+        found += [child(folder, name) for name in names.to_pylist()]
+    return sorted(found, key=lambda relative: relative.split("/"))
 
 
-def record_id_of(path: Path, root: Path) -> str:
-    """A record's id in a folder tree: its path relative to the root, without the extension (unique within a tree as
-    long as one record is not stored twice under the same stem)."""
-    return path.relative_to(root).with_suffix("").as_posix()
+def record_id_of(relative: str) -> str:
+    """A record's id in a folder tree from its path relative to the root (POSIX form): that path without the
+    extension (unique within a tree as long as one record is not stored twice under the same stem)."""
+    return PurePosixPath(relative).with_suffix("").as_posix()
 
 
 # -- a root as one table -------------------------------------------------------------------------------------------
@@ -172,13 +187,13 @@ def list_inputs(root: str | Path, folds: list[int] | None = None) -> pa.Table:
 
     ``folds`` keeps only those ``strat_fold`` values (an `InputError` for a root without folds).
     """
-    root = Path(root).resolve()
+    root = normalize(root)
     if is_ptbxl_root(root):
         index = load_ptbxl_index(root)
         if folds is not None:
             index = index[index["strat_fold"].isin(folds)]
         columns: dict[str, Any] = {
-            "path": [str(root / f"{rel}.hea") for rel in index["record_path"]],
+            "path": [join(root, f"{rel}.hea") for rel in index["record_path"]],
             "record_id": [str(rel) for rel in index["record_path"]],
         }
         for name in INPUT_SCHEMA.names[2:]:
@@ -187,8 +202,9 @@ def list_inputs(root: str | Path, folds: list[int] | None = None) -> pa.Table:
     else:
         if folds is not None:
             raise InputError(f"{root} is not a PTB-XL root (no ptbxl_database.csv): it has no folds to select")
-        files = list_record_files(root)
-        columns = {"path": [str(p) for p in files], "record_id": [record_id_of(p, root) for p in files]}
+        relative = _relative_record_names(root)
+        columns = {"path": [join(root, name) for name in relative],
+                   "record_id": [record_id_of(name) for name in relative]}
     n = len(columns["path"])
     return pa.Table.from_arrays([pa.array(columns.get(f.name, [None] * n), f.type) for f in INPUT_SCHEMA],
                                 schema=INPUT_SCHEMA)
@@ -261,12 +277,11 @@ class Source:
 def list_source(source: Source, chunk_size: int) -> tuple[list[Source], Iterator[pa.Table]]:
     """The sources to list next (a folder's subfolders) and ``source``'s records as `slices`: a PTB-XL root's index,
     a manifest streamed, or the record files directly in one folder, sorted by name."""
-    location = Path(source.location)
     if source.kind == "ptbxl":
-        return [], slices("ptbxl", [list_inputs(location)], chunk_size)
+        return [], slices("ptbxl", [list_inputs(source.location)], chunk_size)
     if source.kind == "manifest":
-        return [], slices(location.name, _manifest_tables(location), chunk_size)
-    tree = LocalTree(source.location)
+        return [], slices(base_name(source.location), _manifest_tables(source.location), chunk_size)
+    tree = tree_of(source.location)
     subfolders, names = folder_records(tree, source.folder)
     return ([Source(source.kind, source.location, f) for f in subfolders],
             slices(source.folder, _folder_tables(tree, source.folder, names), chunk_size))
@@ -319,40 +334,49 @@ _NEEDS_PATHLIB = r"//|(^|/)\.(/|$)|/$|^$"
 _SUFFIX = r"([^/])\.[^./]+$"
 
 
-def _manifest_tables(manifest: Path) -> Iterator[pa.Table]:
-    """Stream ``path`` (relative to the manifest's folder, or absolute) and ``record_id`` (default: the path as
-    listed, without extension) from a manifest, a record batch at a time, never loading it whole."""
-    if manifest.suffix.lower() == ".csv":
-        header = pcsv.open_csv(manifest, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
+def _manifest_tables(manifest: str) -> Iterator[pa.Table]:
+    """Stream ``path`` (relative to the manifest's folder, or absolute: a local path or a URI) and ``record_id``
+    (default: the path as listed, without extension) from a manifest (a local path or a URI), a record batch at a
+    time, never loading it whole."""
+    if manifest.lower().endswith(".csv"):
+        with open_input(manifest) as head:
+            header = pcsv.open_csv(head, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
         columns = [c for c in ("path", "record_id") if c in header]
         batches: Iterable[pa.RecordBatch] = pcsv.open_csv(
-            manifest, convert_options=pcsv.ConvertOptions(include_columns=columns,
-                                                          column_types={c: pa.string() for c in columns}))
+            open_input(manifest), convert_options=pcsv.ConvertOptions(include_columns=columns,
+                                                                      column_types={c: pa.string() for c in columns}))
     else:
-        parquet = pq.ParquetFile(manifest)
+        parquet = pq.ParquetFile(open_input(manifest))
         columns = [c for c in ("path", "record_id") if c in parquet.schema_arrow.names]
         batches = parquet.iter_batches(columns=columns, batch_size=65536)
     if "path" not in columns:
         raise InputError(f"{manifest}: a manifest needs a 'path' column")
     for batch in batches:
         listed = batch.column("path").cast(pa.string())
-        paths = pc.if_else(pc.starts_with(listed, "/"), listed, _joined(str(manifest.parent), listed))
+        paths = pc.if_else(pc.starts_with(listed, "/"), listed, _joined(parent(manifest), listed))
         default_ids = pc.replace_substring_regex(listed, pattern=_SUFFIX, replacement=r"\1")
-        paths, default_ids = _through_pathlib(manifest.parent, listed, paths, default_ids)
+        paths, default_ids = _through_pathlib(parent(manifest), listed, paths, default_ids)
         given = batch.column("record_id").cast(pa.string()) if "record_id" in columns else None
         record_ids = default_ids if given is None else pc.if_else(
             pc.fill_null(pc.not_equal(given, ""), False), given, default_ids)
         yield pa.table({"path": paths, "record_id": record_ids})
 
 
-def _through_pathlib(base: Path, listed: pa.Array, paths: pa.Array,
+def _through_pathlib(base: str, listed: pa.Array, paths: pa.Array,
                      default_ids: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """``paths`` and ``default_ids`` with the rows that pathlib would normalize (`_NEEDS_PATHLIB`) done by pathlib."""
+    """``paths`` and ``default_ids`` with the rows that pathlib would normalize (`_NEEDS_PATHLIB`) done by pathlib
+    (by ``posixpath.normpath`` under a URI; a row that is a URI itself stays as it is)."""
     odd = pc.fill_null(pc.match_substring_regex(listed, _NEEDS_PATHLIB), True)
     if not pc.any(odd).as_py():
         return paths, default_ids
     paths_list, ids_list = paths.to_pylist(), default_ids.to_pylist()
     for i in pc.indices_nonzero(odd).to_pylist():
-        paths_list[i] = str(base / listed[i].as_py())
+        text = listed[i].as_py()
+        if is_uri(text):
+            paths_list[i] = text
+        elif is_uri(base) and not text.startswith("/"):
+            paths_list[i] = join(base, posixpath.normpath(text))
+        else:
+            paths_list[i] = str(Path(base) / text)
         ids_list[i] = Path(listed[i].as_py()).with_suffix("").as_posix()
     return pa.array(paths_list, pa.string()), pa.array(ids_list, pa.string())

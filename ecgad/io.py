@@ -144,6 +144,17 @@ def read_record(path: str | Path, *, fs: float | None = None, lead_names: Sequen
     return reader(file, fs, lead_names, limits)
 
 
+def companion_files(name: str, content: bytes) -> list[str]:
+    """The files a record file ``name`` needs beside it to be read: a WFDB header's signal files (plain names from
+    its signal lines; anything else is left for `read_record` to reject), nothing for other formats. For copying a
+    record from object storage to a local folder (`ecgad.storage.local_copy`) before reading it."""
+    if not name.lower().endswith(".hea"):
+        return []
+    lines = [line for line in content.decode("utf-8", errors="replace").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    return sorted({line.split()[0] for line in lines[1:]} - {name})
+
+
 def record_from_array(signal: Any, fs: float, lead_names: Sequence[str] | None = None, record_id: str = "",
                       metadata: dict[str, Any] | None = None, limits: InputLimits = LIMITS) -> Record:
     """A `Record` from an in-memory array in mV (a JSON or NPY request body, a decoded upload).

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ecgad.io import read_record
 from ecgad.log import get_logger
+from ecgad.storage import is_file, join, open_input
 from ecgad.types import Record
 
 log = get_logger(__name__)
@@ -38,11 +39,13 @@ def load_ptbxl_index(root: str | Path) -> pd.DataFrame:
     (``"normal"``/``"abnormal"``), ``record_path`` (relative to ``root``, without extension) and
     ``sampling_rate_hz``. The 500 Hz file (``filename_hr``, the rate the model uses) is preferred, else the
     100 Hz one; rows with neither on disk are dropped and counted in a warning, since a subset of PTB-XL (like the
-    sample data) keeps the full metadata rows but only one rate of each record.
+    sample data) keeps the full metadata rows but only one rate of each record. ``root`` may be a URI.
     """
-    root = Path(root)
-    db = pd.read_csv(root / "ptbxl_database.csv")
-    statements = pd.read_csv(root / "scp_statements.csv", index_col=0)
+    root = str(root)   # a local path or a URI (`ecgad.storage`)
+    with open_input(join(root, "ptbxl_database.csv")) as database, \
+            open_input(join(root, "scp_statements.csv")) as statements_file:
+        db = pd.read_csv(database)
+        statements = pd.read_csv(statements_file, index_col=0)
     diagnostic_class = statements.loc[statements["diagnostic"] == 1, "diagnostic_class"].to_dict()
 
     db["scp_codes"] = db["scp_codes"].map(ast.literal_eval)
@@ -51,7 +54,7 @@ def load_ptbxl_index(root: str | Path) -> pd.DataFrame:
     db["is_normal"] = db["superclasses"] == ("NORM",)
     db["label"] = np.where(db["is_normal"], "normal", "abnormal")
 
-    on_disk = {rate: db[column].map(lambda name: (root / f"{name}.hea").is_file())
+    on_disk = {rate: db[column].map(lambda name: is_file(join(root, f"{name}.hea")))
                for rate, column in ((500, "filename_hr"), (100, "filename_lr"))}
     db["record_path"] = np.where(on_disk[500], db["filename_hr"], np.where(on_disk[100], db["filename_lr"], None))
     db["sampling_rate_hz"] = np.where(on_disk[500], 500, 100)

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from ecgad.config import PrepConfig
-from ecgad.io import read_record
+from ecgad.io import companion_files, read_record
 from ecgad.limits import LIMITS, InputLimits
 from ecgad.preprocess import prepare
+from ecgad.storage import local_copy
 from ecgad.types import Prepared, Record, Rejection, Window
 from ecgad.validate import validate
 
@@ -104,13 +105,15 @@ def read_file(path: str | Path, default_fs: float | None = None, limits: InputLi
 
     ``read_record(fs=...)`` rejects a file whose own rate differs, so the default cannot simply be passed for every
     file of a mixed folder (100 Hz and 500 Hz WFDB next to NPY); it fills in only where the rate is missing.
+    ``path`` may be a URI (`ecgad.storage`): the file, and a WFDB header's signal files, are read from a local copy.
     """
-    try:
-        return read_record(path, limits=limits)
-    except Rejection as rejection:
-        if default_fs is None or rejection.reason != "bad_fs:missing":
-            raise
-    return read_record(path, fs=default_fs, limits=limits)
+    with local_copy(path, companion_files) as local:   # a record on object storage is read from a local copy
+        try:
+            return read_record(local, limits=limits)
+        except Rejection as rejection:
+            if default_fs is None or rejection.reason != "bad_fs:missing":
+                raise
+        return read_record(local, fs=default_fs, limits=limits)
 
 
 def prepare_path(path: str, record_id: str, cfg: PrepConfig = PrepConfig(),

@@ -36,6 +36,7 @@ import pyarrow.dataset as pads
 
 from ecgad.config import PrepConfig
 from ecgad.ptbxl import TRAIN_FOLDS
+from ecgad.storage import filesystem, join, read_text
 
 #: Bumped whenever the shard columns or their meaning change; a manifest with another version is rebuilt.
 FORMAT_VERSION = 1
@@ -89,24 +90,26 @@ VALIDATION_COLUMNS = [name for name, _ in ROW_FIELDS] + ["is_normal"]
 
 @dataclass(frozen=True)
 class ShardLayout:
-    root: Path
+    """Where a shards directory keeps what; ``root`` a local ``Path`` or a URI string (`ecgad.storage.location`)."""
+
+    root: Path | str
 
     @property
-    def records(self) -> Path:
-        return self.root / "records"
+    def records(self) -> Path | str:
+        return join(self.root, "records")
 
     @property
-    def rejections(self) -> Path:
-        return self.root / "rejections.parquet"
+    def rejections(self) -> Path | str:
+        return join(self.root, "rejections.parquet")
 
     @property
-    def manifest(self) -> Path:
-        return self.root / "_SUCCESS.json"
+    def manifest(self) -> Path | str:
+        return join(self.root, "_SUCCESS.json")
 
     def read_manifest(self) -> dict[str, Any] | None:
         """The manifest of a complete shards directory, or None (absent, unreadable or another format)."""
         try:
-            manifest = json.loads(self.manifest.read_text())
+            manifest = json.loads(read_text(self.manifest))
         except (OSError, ValueError):
             return None
         return manifest if manifest.get("format_version") == FORMAT_VERSION else None
@@ -114,7 +117,7 @@ class ShardLayout:
     def require_manifest(self) -> dict[str, Any]:
         manifest = self.read_manifest()
         if manifest is None:
-            raise FileNotFoundError(f"{self.root} is not a complete shards directory (no valid {self.manifest.name}; "
+            raise FileNotFoundError(f"{self.root} is not a complete shards directory (no valid _SUCCESS.json; "
                                     "run `python -m jobs.preprocess` first)")
         return manifest
 
@@ -149,9 +152,11 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
 
 
-def summarize(records_dir: Path) -> tuple[dict[str, Any], pa.Table]:
-    """Counts over the written shards and the table of rejected inputs, reading only the small columns."""
-    dataset = pads.dataset(records_dir, format="parquet")
+def summarize(records_dir: Path | str) -> tuple[dict[str, Any], pa.Table]:
+    """Counts over the written shards (a local folder or a URI) and the table of rejected inputs, reading only the
+    small columns."""
+    fs, path = filesystem(records_dir)
+    dataset = pads.dataset(path, format="parquet", filesystem=fs)
     small = dataset.to_table(columns=["record_id", "path", "status", "reason", "ecg_id", "strat_fold", "label",
                                       "is_normal"])
     status = small.column("status").to_pylist()

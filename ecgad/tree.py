@@ -3,8 +3,9 @@
 Why an interface of its own: listing millions of files must read each directory once and nothing per file
 beyond what the directory read gives (no ``stat``, no per-ancestor walks), and the same listing must later run on
 object storage. `LocalTree` reads a directory with ``os.scandir``, whose entries carry the file type (``d_type``), so
-telling files from folders costs no ``stat`` on local disks; a tree on a ``pyarrow.fs.FileSystem`` would implement
-the same three methods with ``FileSelector(recursive=False)``.
+telling files from folders costs no ``stat`` on local disks; `ArrowTree` reads a folder of a filesystem URI
+(`ecgad.storage`: S3, GCS, Azure, ...) with one ``FileSelector(recursive=False)`` listing (on object stores, one
+paged LIST request per 1000 keys); `tree_of` picks the one for a location.
 
 Symlinks never lead out of the root: a link to a file is listed only where its target lies inside the root, and a
 link to a folder is never followed (one outside the root would leak foreign files in; one inside it points at a
@@ -21,6 +22,10 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+import pyarrow.fs as pafs
+
+from ecgad.storage import filesystem, is_uri, normalize
 
 #: The root folder's relative name.
 ROOT = "."
@@ -80,6 +85,34 @@ class LocalTree:
         """Whether the symlink ``link`` resolves to a file inside the root (costs a few syscalls, links only)."""
         target = os.path.realpath(link)
         return target.startswith(self.root + os.sep) and os.path.isfile(target)
+
+
+@dataclass(frozen=True)
+class ArrowTree:
+    """A tree under the URI ``root`` (`ecgad.storage.filesystem`). Object stores have no symbolic links, so the
+    symlink rule has nothing to do; a "folder" is a key prefix."""
+
+    root: str
+
+    def path(self, folder: str, name: str | None = None) -> str:
+        base = self.root if folder == ROOT else f"{self.root}/{folder}"
+        return base if name is None else f"{base}/{name}"
+
+    def entries(self, folder: str) -> Iterator[Entry]:
+        fs, path = filesystem(self.path(folder))
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            if info.type in (pafs.FileType.File, pafs.FileType.Directory):
+                yield Entry(info.base_name, info.type == pafs.FileType.Directory)
+
+    def signature(self, folder: str, name: str) -> tuple[int, int]:
+        fs, path = filesystem(self.path(folder, name))
+        info = fs.get_file_info(path)
+        return int(info.size or 0), int(info.mtime_ns or 0)
+
+
+def tree_of(location: str) -> FolderTree:
+    """The tree rooted at ``location``: an `ArrowTree` for a URI, a `LocalTree` (resolved root) for a local path."""
+    return ArrowTree(normalize(location)) if is_uri(location) else LocalTree(normalize(location))
 
 
 # -- what a folder holds, as a digest --------------------------------------------------------------------------

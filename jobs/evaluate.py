@@ -16,12 +16,16 @@ validated and prepared in CPU tasks, scored by an actor pool (each actor loads t
     roc.png        the ROC curve
     maps/          the 12-lead plot with the anomaly map of the ``--plots`` highest- and lowest-scored records
 
+Every path may be a URI (``s3://bucket/eval/mcf``; `ecgad.storage`): each output file is then one upload. On a
+cluster of several nodes a local path must be shared storage, checked from every node before scoring starts.
+
 The last line on stdout is metrics.json as one JSON object. Exit codes: 0 done, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -44,6 +48,8 @@ from ecgad.ptbxl import TEST_FOLD
 from ecgad.results import anomaly_map_of
 from ecgad.rows import read_file
 from ecgad.scoring import Scorer
+from ecgad.storage import join, location, read_bytes
+from ecgad.storage import name as base_name
 from ecgad.validate import validate
 
 log = get_logger("jobs.evaluate")  # not __name__, which is "__main__" under `python -m`
@@ -71,7 +77,7 @@ def scored_span(n_samples: int, cfg) -> slice:
     return slice(cfg.global_start, n_samples - (cfg.window - cfg.global_end))
 
 
-def plot_roc(labels: np.ndarray, scores: np.ndarray, auroc: float | None, out: Path) -> None:
+def plot_roc(labels: np.ndarray, scores: np.ndarray, auroc: float | None, out: Path | str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
@@ -91,14 +97,14 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, auroc: float | None, out: P
         fig.savefig(fh, format="png", dpi=120)
 
 
-def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode: str, out: Path) -> list[str]:
+def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path | str, mode: str,
+                  out: Path | str) -> list[str]:
     """Plot the ``k`` highest- and lowest-scored records with their anomaly maps, scored again in process (a
     handful of records; the batch run keeps no maps unless localization metrics need them)."""
     ranked = sorted(results, key=lambda r: r["pred_score"])
     picks = [("highest", i + 1, r) for i, r in enumerate(ranked[::-1][:k])]
     picks += [("lowest", i + 1, r) for i, r in enumerate(ranked[:k]) if r not in ranked[::-1][:k]]
     scorer = Scorer.from_checkpoint(checkpoint, mode=mode)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for end, rank, row in picks:
         record = validate(read_file(row["path"]))
@@ -106,14 +112,19 @@ def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode:
         name = f"{end}-{rank}_{row['record_id'].replace('/', '_')}.png"
         title = (f"{row['record_id']} ({row['label']}): score {scores.pred_score:.4g}, threshold "
                  f"{scorer.threshold:.4g} -> {'anomalous' if scores.pred_label else 'normal'}")
-        plot_ecg(record.signal, record.fs, scores.anomaly_map, title=title, out=out / name)
-        written.append(f"{out.name}/{name}")
+        plot_ecg(record.signal, record.fs, scores.anomaly_map, title=title, out=join(out, name))
+        written.append(f"{base_name(str(out))}/{name}")
     return written
+
+
+def _load_mask(root: Path | str, mask_path: str) -> np.ndarray:
+    """A synthetic record's point mask, ``mask_path`` relative to the data root (a local path or a URI)."""
+    return np.load(io.BytesIO(read_bytes(join(root, mask_path))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root, out = Path(args.data).resolve(), Path(args.out).resolve()
+    root, out = location(args.data), location(args.out)
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)   # RUNDIR/best -> its version, once, for every actor
         loaded = load_checkpoint(checkpoint)   # fail fast, and the preparation config and threshold to use
@@ -132,10 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     from ecgad.ray.data import RECORDS_PER_TASK, chunks_dataset
+    from ecgad.ray.paths import SharedPathError, require_shared
     from ecgad.ray.scoring import iter_scored, scoring_pipeline
 
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    try:
+        require_shared(inputs=[root, checkpoint], outputs=[out])
+    except SharedPathError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
 
     started = time.perf_counter()
     log.info(f"scoring fold {args.fold} of {root}: {inputs.num_rows} records, mode {args.mode}, "
@@ -150,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chunk_results, chunk_maps in iter_scored(scored):
         results += [{**index[r["record_id"]], **r} for r in chunk_results.to_pylist()]
         for row in chunk_maps.to_pylist():
-            anomaly_map, mask = anomaly_map_of(row), np.load(root / index[row["record_id"]]["mask_path"])
+            anomaly_map, mask = anomaly_map_of(row), _load_mask(root, index[row["record_id"]]["mask_path"])
             if mask.shape != anomaly_map.shape:   # maps are on the source axis, masks on the 500 Hz one
                 warnings.append(f"{row['record_id']}: map {anomaly_map.shape} and mask {mask.shape} differ; "
                                 "left out of the localization metrics")
@@ -166,10 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_scores(labels, scores, loaded.threshold, maps=maps if with_maps and maps else None,
                               masks=masks if with_maps and maps else None, n_boot=args.n_boot)
 
-    plot_roc(labels, scores, metrics["record_auroc"]["value"], out / "roc.png")
-    plots = plot_extremes(ok, args.plots, checkpoint, args.mode, out / "maps") if ok else []
+    plot_roc(labels, scores, metrics["record_auroc"]["value"], join(out, "roc.png"))
+    plots = plot_extremes(ok, args.plots, checkpoint, args.mode, join(out, "maps")) if ok else []
     columns = ["record_id", "label", "status", "reason", "pred_score", "pred_label"]
-    with atomic_file(out / "scores.csv") as fh:
+    with atomic_file(join(out, "scores.csv")) as fh:
         pcsv.write_csv(pa.Table.from_pylist([{c: r[c] for c in columns}
                                              for r in sorted(results, key=lambda r: r["record_id"])]), fh)
     summary = {
@@ -179,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics": metrics, "warnings": warnings, "plots": ["roc.png", *plots],
         "wall_s": round(wall, 3), "records_per_s": round(len(results) / wall, 3),
     }
-    write_json(out / "metrics.json", summary, sort_keys=False)
+    write_json(join(out, "metrics.json"), summary, sort_keys=False)
     auroc = metrics["record_auroc"]
     log.info(f"done in {wall:.1f} s: {len(ok)}/{len(results)} scored; record AUROC {auroc['value']} "
              f"CI {auroc['ci95']}")

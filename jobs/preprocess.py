@@ -9,9 +9,14 @@ validated and prepared in parallel Ray tasks (`ecgad.ray.data.prepare_shard_rows
 progress bars show the stages. Rejected records are rows too, and are listed with their reasons in
 ``SHARDS/rejections.parquet``.
 
+ROOT and SHARDS may be URIs (``s3://bucket/ptbxl``; `ecgad.storage`). On a cluster of several nodes, a local path must
+be shared storage mounted at the same path on every node; it is checked from every node before anything runs.
+
 Idempotent: the shards are built in a hidden sibling directory and swapped in whole when complete, with a manifest
-holding a fingerprint of the inputs and settings. Rerunning on an up-to-date output does nothing; rerunning after a
-kill or after the inputs changed rebuilds. One job per output directory at a time.
+holding a fingerprint of the inputs and settings. Object storage has no directory rename: there the old manifest
+and shards are deleted first and the manifest is written last, so a reader that finds one finds complete shards.
+Rerunning on an up-to-date output does nothing; rerunning after a kill or after the inputs changed rebuilds. One
+job per output directory at a time.
 
 The last line on stdout is the manifest as one JSON object. Exit codes: 0 done (or already up to date), 2 bad usage.
 """
@@ -32,6 +37,7 @@ from ecgad.config import PrepConfig
 from ecgad.inputs import list_inputs
 from ecgad.log import get_logger
 from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
+from ecgad.storage import delete_contents, for_ray, is_dir, is_uri, join, location
 
 log = get_logger("jobs.preprocess")  # not __name__, which is "__main__" under `python -m`
 
@@ -46,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root, out = Path(args.data).resolve(), Path(args.out).resolve()
-    if not root.is_dir():
+    root, out = location(args.data), location(args.out)
+    if not is_dir(root):
         print(f"preprocess: error: {root} is not a directory", file=sys.stderr)
         return 2
-    if out == root or root in out.parents:
+    if str(out) == str(root) or str(out).startswith(str(join(str(root), ""))):
         print(f"preprocess: error: --out {out} lies inside --data {root}", file=sys.stderr)
         return 2
 
@@ -59,12 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ecgad.checkpoint import git_commit
     from ecgad.ray.data import RECORDS_PER_TASK, inputs_dataset, prepare_memory, prepare_shard_rows
     from ecgad.ray.listing import tree_digest
+    from ecgad.ray.paths import SharedPathError, require_shared
 
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    try:
+        require_shared(inputs=[root], outputs=[out])
+    except SharedPathError as err:
+        print(f"preprocess: error: {err}", file=sys.stderr)
+        return 2
     cfg = PrepConfig()
     layout = ShardLayout(out)
-    fingerprint = input_fingerprint(tree_digest(root), cfg)  # the files' stats are taken in folder tasks
+    fingerprint = input_fingerprint(tree_digest(str(root)), cfg)  # the files' stats are taken in folder tasks
     manifest = layout.read_manifest()
     if manifest is not None and manifest.get("fingerprint") == fingerprint and not args.force:
         log.info(f"{out} is up to date with {root}; nothing to do (--force rebuilds)")
@@ -77,28 +89,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = temporary_directory(out)
-    try:
-        log.info(f"preparing {inputs.num_rows} records of {root} into {out}")
+    log.info(f"preparing {inputs.num_rows} records of {root} into {out}")
+
+    def build(target: Path | str) -> dict:
+        """Write the shards, the rejections and, last, the manifest (the completion marker) into ``target``."""
+        records_path, records_fs = for_ray(ShardLayout(target).records)
         (inputs_dataset(inputs)
          .map_batches(prepare_shard_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg},
                       num_cpus=1, memory=prepare_memory(RECORDS_PER_TASK))
-         .write_parquet(str(ShardLayout(tmp).records), compression="zstd"))
-        counts, rejections = summarize(ShardLayout(tmp).records)
-        write_parquet(ShardLayout(tmp).rejections, rejections)
+         .write_parquet(records_path, filesystem=records_fs, compression="zstd"))
+        counts, rejections = summarize(ShardLayout(target).records)
+        write_parquet(ShardLayout(target).rejections, rejections)
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "data": str(root),
             "prep_config": cfg.to_dict(), "storage_dtype": STORAGE_DTYPE, "counts": counts,
             "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 3),
         }
-        write_json(ShardLayout(tmp).manifest, manifest, sort_keys=False)  # last: the completion marker
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(ShardLayout(target).manifest, manifest, sort_keys=False)
+        return manifest
+
+    if is_uri(out):   # no directory rename on object storage (module docstring)
+        delete_contents(out)
+        manifest = build(out)
+    else:
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = temporary_directory(out)
+        try:
+            manifest = build(tmp)
+            replace_directory(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    counts = manifest["counts"]
     log.info(f"done in {manifest['wall_s']:.1f} s: {counts['ok']} prepared, {counts['rejected']} rejected "
          f"{counts['rejected_by_reason']}; {counts['train_normals']} training normals (folds 1-8)")
     print(json.dumps(manifest))

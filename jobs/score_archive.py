@@ -10,6 +10,10 @@ it is streamed in record batches by one task, with no directory reads at all. A 
 directories costs more than reading a table, above all on network file systems.
 
 Rerunning the same command after a kill resumes where the last committed chunk left off (see ``ecgad.ray.archive``).
+Every path may be a URI (``s3://bucket/archive``; a custom S3 endpoint comes from ``AWS_ENDPOINT_URL``): records
+are read from object storage and each chunk is committed as one upload, which appears whole or not at all, so
+resuming holds there too. On a cluster of several nodes a local path must be shared storage, checked from every
+node before anything runs.
 The last line on stdout is the run's summary as one JSON object (also written to ``OUT/summary.json``).
 Exit codes: 0 every input has its output row (rejected records included); 1 the job failed or the output is
 incomplete (rerun to resume); 2 bad usage, a bad checkpoint, or an output directory written with other settings.
@@ -65,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ecgad.checkpoint import CheckpointError
     from ecgad.inputs import InputError
     from ecgad.ray.archive import ArchiveJobFailed, score_archive
+    from ecgad.ray.paths import SharedPathError
 
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
@@ -74,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 min_scorers=args.min_scorers, use_gpu=args.use_gpu, mode=args.mode,
                                 scorer_cpus=args.scorer_cpus, scorer_threads=args.scorer_threads, default_fs=args.fs,
                                 fail_after_chunks=args.fail_after_chunks)
-    except (ArchiveError, CheckpointError, InputError) as err:
+    except (ArchiveError, CheckpointError, InputError, SharedPathError) as err:
         print(f"score_archive: error: {err}", file=sys.stderr)
         return 2
     except ArchiveJobFailed as err:

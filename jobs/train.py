@@ -13,6 +13,10 @@ abnormal records, else by the validation loss (``--select-by`` overrides). Rerun
 ``--name`` and storage path) resumes after the last finished epoch; a finished run just re-exports its result
 (the same version: ``best`` keeps pointing at it).
 
+SHARDS, RUNDIR and ``--storage-path`` may be URIs (``s3://bucket/runs/mcf``; a custom S3 endpoint comes from
+``AWS_ENDPOINT_URL``): there ``RUNDIR/best`` is a pointer file naming the version folder (``ecgad.checkpoint``).
+On a cluster of several nodes a local path must be shared storage, checked from every node before training.
+
 The last line on stdout is the summary as one JSON object. Exit codes: 0 trained, 2 bad usage.
 """
 
@@ -23,12 +27,12 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from ecgad.model import MCFConfig
 from ecgad.ptbxl import VALIDATION_FOLD
 from ecgad.shards import ShardLayout
+from ecgad.storage import join, location
 from ecgad.train import BASE_LR, SELECTION_ORDER, selection_metric
 
 
@@ -98,7 +102,7 @@ def cpu_shortage(num_workers: int, cpus_per_worker: float, cluster_cpus: float) 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        manifest = ShardLayout(Path(args.data)).require_manifest()
+        manifest = ShardLayout(location(args.data)).require_manifest()
     except FileNotFoundError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
@@ -109,19 +113,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
+    from ecgad.ray.paths import SharedPathError, require_shared
     from ecgad.ray.train import TrainSettings, fit
 
     model_config = MCFConfig.paper() if args.config == "paper" else MCFConfig.small()
-    out = Path(args.out).resolve()
+    out = location(args.out)
     settings = TrainSettings(
         model_config=model_config.to_dict(), prep_config=manifest["prep_config"], epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, select_by=select_by(args.select_by, manifest),
         threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, shuffle_buffer=args.shuffle_buffer,
         fail_at_epoch=args.fail_at_epoch,
-        failure_marker=str(out / f".{args.name}.injected-failure") if args.fail_at_epoch is not None else None)
+        failure_marker=str(join(out, f".{args.name}.injected-failure")) if args.fail_at_epoch is not None else None)
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    try:
+        require_shared(inputs=[args.data], outputs=[out, *([args.storage_path] if args.storage_path else [])])
+    except SharedPathError as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
     cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker is None:

@@ -58,6 +58,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ecgad import __version__
+from ecgad.storage import normalize
 from ecgad.config import PrepConfig
 from ecgad.drift import DEFAULT_WINDOW, Calibration, DriftWindow
 from ecgad.log import get_logger
@@ -87,10 +88,12 @@ def canned_record() -> Record:
 
 
 def checkpoint_prep_config(directory: str | Path) -> PrepConfig:
-    """The preparation settings stored in a checkpoint, read without loading its weights (for the ingress)."""
+    """The preparation settings stored in a checkpoint (a local directory or a URI), read without loading its
+    weights (for the ingress)."""
     from ecgad.checkpoint import CONFIG_FILE
+    from ecgad.storage import join, read_text
 
-    return PrepConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text())["prep_config"])
+    return PrepConfig.from_dict(json.loads(read_text(join(str(directory), CONFIG_FILE)))["prep_config"])
 
 
 class BatchConfig(BaseModel):
@@ -103,7 +106,8 @@ class BatchConfig(BaseModel):
 class AppArgs(BaseModel):
     """The application's ``args`` in the Serve config (``serve deploy`` validates them against this model)."""
 
-    checkpoint: str = Field(description="checkpoint directory, readable from every node running a replica")
+    checkpoint: str = Field(description="checkpoint directory, readable from every node running a replica, or a URI "
+                                        "(s3://bucket/runs/mcf/best): each replica loads a local copy")
     mode: Literal["full", "fast"] = Field(default="full", description="Scorer mode (see ecgad.scoring)")
     device: str | None = Field(default=None, description="torch device; default cuda when the replica has a GPU")
     max_body_mb: float = Field(default=32.0, gt=0, description="larger request bodies get 413")
@@ -604,7 +608,7 @@ def load_config(config: str | Path | dict[str, Any] | None, checkpoint: str | Pa
     bound = [] if is_loopback(host) or host in ("0.0.0.0", "::") else [host]
     for application in data["applications"]:
         args = application.setdefault("args", {})
-        args["checkpoint"] = str(Path(checkpoint).resolve())
+        args["checkpoint"] = normalize(checkpoint)   # a URI stays one (`ecgad.storage`)
         if allowed_hosts is not None:
             args["allowed_hosts"] = list(allowed_hosts)
         elif bound and "allowed_hosts" not in args:

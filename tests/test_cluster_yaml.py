@@ -97,7 +97,8 @@ def _documented_commands() -> list[list[str]]:
 
 def test_documented_job_commands_parse():
     commands = _documented_commands()
-    assert {c[2] for c in commands if c[:2] == ["python", "-m"]} == {"jobs.preprocess", "jobs.train", "jobs.evaluate"}
+    assert {c[2] for c in commands if c[:2] == ["python", "-m"]} == {"jobs.preprocess", "jobs.train", "jobs.evaluate",
+                                                                     "jobs.score_archive"}
     for command in commands:
         if command[:2] == ["python", "-m"]:
             importlib.import_module(command[2]).build_parser().parse_args(command[3:])

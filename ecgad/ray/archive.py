@@ -40,8 +40,10 @@ from ecgad.inputs import input_kind
 from ecgad.log import get_logger
 from ecgad.ray import metrics as job_metrics
 from ecgad.ray.data import plan_chunks
+from ecgad.ray.paths import require_shared
 from ecgad.ray.scoring import scoring_pipeline
 from ecgad.results import scored_chunks, storable_maps
+from ecgad.storage import join, location
 
 log = get_logger(__name__)
 
@@ -75,8 +77,8 @@ class ChunkSink(Datasink):
             for chunk, results, maps in scored_chunks(BlockAccessor.for_block(block).to_arrow()):
                 name = self.layout.chunk_name(chunk)
                 if self.with_maps:
-                    self.layout.commit(storable_maps(maps), self.layout.maps / name)
-                self.layout.commit(results, self.layout.records / name)
+                    self.layout.commit(storable_maps(maps), join(self.layout.maps, name))
+                self.layout.commit(results, join(self.layout.records, name))
                 counts = dict(Counter(results.column("status").to_pylist()))
                 job_metrics.count("ecgad_archive_chunks_total")
                 for status, n in counts.items():
@@ -129,10 +131,13 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
 
     Runs on the Ray cluster this process is connected to (``ray.init`` first; Ray Data starts a local one if not).
     Rerunning with the same arguments after a kill or an `ArchiveJobFailed` resumes: committed chunks are skipped.
+    ``input_path``, ``checkpoint`` and ``out`` may be URIs (`ecgad.storage`); local ones must be seen by every node
+    of a multi-node cluster (`ecgad.ray.paths.require_shared`, which raises before anything is written).
     """
     started = time.perf_counter()
-    input_path, out = Path(input_path).resolve(), Path(out).resolve()
+    input_path, out = location(input_path), location(out)
     checkpoint = resolve_checkpoint(checkpoint)   # RUNDIR/best -> its version, once, for every scoring actor
+    require_shared(inputs=[input_path, checkpoint], outputs=[out])
     if chunk_size < 1 or batch_size < 1 or not 1 <= min_scorers <= num_scorers:
         raise ArchiveError("need chunk_size >= 1, batch_size >= 1 and 1 <= min_scorers <= num_scorers")
     loaded = load_checkpoint(checkpoint)  # fail fast on a bad checkpoint; gives the preparation config

@@ -35,6 +35,7 @@ from ecgad.ray.listing import list_slices
 from ecgad.results import PREPARED_CHUNK_SCHEMA, table_to_ipc
 from ecgad.rows import prepare_path, status_row
 from ecgad.shards import ShardLayout, conform, rows_table
+from ecgad.storage import for_ray, location, normalize
 
 log = get_logger(__name__)
 
@@ -135,15 +136,15 @@ def prepare_shard_rows(batch: pa.Table, cfg: PrepConfig = PrepConfig(), limits: 
 
 # -- chunk rows (scoring) ------------------------------------------------------------------------------------------
 
-def list_chunks(input_path: Path, chunk_size: int) -> Dataset:
+def list_chunks(input_path: str | Path, chunk_size: int) -> Dataset:
     """Any input (`ecgad.inputs.input_kind`) as a dataset of chunk rows ``{chunk, n_paths, paths, record_ids}``,
     listed in Ray tasks (`ecgad.ray.listing.list_slices`: one per folder of a folder tree, one that streams a
     manifest, one that reads a PTB-XL root's index), the driver holding only object refs."""
-    return _chunk_rows(ray.data.from_arrow_refs(list_slices(Path(input_path).resolve(), chunk_size)
+    return _chunk_rows(ray.data.from_arrow_refs(list_slices(normalize(input_path), chunk_size)
                                                 or [ray.put(SLICE_SCHEMA.empty_table())]), chunk_size)
 
 
-def plan_chunks(input_path: Path, chunk_size: int) -> tuple[MaterializedDataset, dict[str, int]]:
+def plan_chunks(input_path: str | Path, chunk_size: int) -> tuple[MaterializedDataset, dict[str, int]]:
     """What archive scoring plans to do (`ecgad.ray.archive`): the chunk rows of ``input_path``, held in the object
     store, and each chunk's number of records, the only part of the listing the driver holds."""
     chunks = list_chunks(input_path, chunk_size).materialize()
@@ -196,14 +197,15 @@ def read_shards(root: str | Path, columns: list[str], folds: tuple[int, ...] | l
     machine that cost ~3-6 s before each epoch's first batch and slowed the training step it ran beside;
     the first datasource plans its read tasks once, here, one per file, and the first batch arrives in ~0.5 s.
     """
-    layout = ShardLayout(Path(root))
+    layout = ShardLayout(location(root))
     layout.require_manifest()
+    records_path, records_fs = for_ray(layout.records)
     context = ray.data.DataContext.get_current()
     default = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
         dataset = ray.data.read_parquet(
-            str(layout.records),
+            records_path, filesystem=records_fs,
             shuffle=None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True))
     finally:
         context.use_datasource_v2 = default

@@ -15,7 +15,6 @@ reruns: the one ``stat`` per file it needs happens in the folder tasks, not on t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +22,7 @@ import ray
 from ray import ObjectRef, ObjectRefGenerator
 
 from ecgad.inputs import Source, input_kind, list_sources
-from ecgad.tree import ROOT, FolderTree, LocalTree, combine_digests, folder_digest
+from ecgad.tree import ROOT, FolderTree, combine_digests, folder_digest, tree_of
 
 
 #: Folders listed per task: enough that a tree of small folders leaves each task in a few objects of several
@@ -70,9 +69,10 @@ def _walk(task: Any, first: Any, *args: Any) -> list[tuple[Any, Any, ObjectRefGe
     return finished
 
 
-def list_slices(input_path: Path, chunk_size: int) -> list[ObjectRef[pa.Table]]:
-    """The records of any input (`ecgad.inputs.input_kind`; ``input_path`` absolute and resolved) as refs to
-    `ecgad.inputs.SLICE_SCHEMA` tables, in a deterministic order (by folder, then position)."""
+def list_slices(input_path: str, chunk_size: int) -> list[ObjectRef[pa.Table]]:
+    """The records of any input (`ecgad.inputs.input_kind`; ``input_path`` a URI or an absolute, resolved path:
+    `ecgad.storage.normalize`) as refs to `ecgad.inputs.SLICE_SCHEMA` tables, in a deterministic order (by folder,
+    then position)."""
     finished = _walk(_list_sources, Source(input_kind(input_path), str(input_path)), chunk_size)
     return [ref for _, _, generator in sorted(finished, key=_folder_of) for ref in generator]
 
@@ -81,9 +81,10 @@ def _folder_of(run: tuple[Source, Any, Any]) -> str:
     return run[0].folder
 
 
-def tree_digest(root: Path) -> str:
-    """A digest of every file under the folder ``root`` (absolute and resolved): name, size and modification time
-    (`ecgad.tree.folder_digest`), each folder digested in a task of its own and combined on the driver."""
-    finished = _walk(_digest_folders, ROOT, LocalTree(str(root)))
+def tree_digest(root: str) -> str:
+    """A digest of every file under the folder ``root`` (a URI, or absolute and resolved): name, size and
+    modification time (`ecgad.tree.folder_digest`), each folder digested in a task of its own and combined on the
+    driver."""
+    finished = _walk(_digest_folders, ROOT, tree_of(str(root)))
     return combine_digests(pair for _, digests, _ in finished for pair in digests)
 

@@ -42,7 +42,7 @@ class ScorerActor:
                  threads: int) -> None:
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.scorer = Scorer.from_checkpoint(Path(checkpoint), device=device, mode=mode)
+        self.scorer = Scorer.from_checkpoint(checkpoint, device=device, mode=mode)
         self.with_maps = with_maps
         self.batch_size = batch_size
 
@@ -78,7 +78,7 @@ class ScorerActor:
                 pa.Table.from_pylist(maps, schema=SCORED_MAP_SCHEMA))
 
 
-def scoring_pipeline(chunks: Dataset, checkpoint: Path, prep_config: PrepConfig, *, chunk_size: int, maps: bool,
+def scoring_pipeline(chunks: Dataset, checkpoint: Path | str, prep_config: PrepConfig, *, chunk_size: int, maps: bool,
                      batch_size: int, num_scorers: int, min_scorers: int = 1, use_gpu: bool = False,
                      mode: str = "full", scorer_cpus: float = 1.0, scorer_threads: int | None = None,
                      default_fs: float | None = None) -> Dataset:

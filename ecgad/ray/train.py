@@ -51,6 +51,7 @@ from ecgad.log import get_logger
 from ecgad.model import MCF, MCFConfig, unwrap
 from ecgad.ray import metrics as job_metrics
 from ecgad.shards import training_arrays
+from ecgad.storage import for_ray, is_file, is_uri, join, location
 from ecgad.train import BASE_LR, SELECTION_ORDER, EpochStats, sample_beats, seeded_generator, selection_key
 
 #: Optimizer state, epoch and history, next to the model files in every reported checkpoint.
@@ -265,8 +266,8 @@ def _maybe_fail(settings: TrainSettings, epoch: int, rank: int, world_size: int)
     """Testing: the last worker exits abruptly (no cleanup, like a crash or a lost node), once per run."""
     if settings.fail_at_epoch != epoch or rank != world_size - 1 or settings.failure_marker is None:
         return
-    marker = Path(settings.failure_marker)
-    if marker.exists():
+    marker = settings.failure_marker
+    if is_file(marker):
         return
     write_text(marker, f"worker {rank} exited during epoch {epoch}\n")
     # Ray Train's controller collects reports when it polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
@@ -365,7 +366,8 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     Runs on the Ray cluster this process is connected to. Ray's run directory is ``storage_path/name`` (default
     ``storage_path`` = ``out``; on a multi-node cluster it must be shared storage, e.g. EFS or ``s3://...``): a
     second call with the same name and storage path resumes that run after its latest reported epoch. Ray keeps
-    ``num_to_keep`` checkpoints by the selection metric, plus always the latest (which resuming needs).
+    ``num_to_keep`` checkpoints by the selection metric, plus always the latest (which resuming needs). ``data``,
+    ``out`` and ``storage_path`` may be URIs (`ecgad.storage`; Ray Train gets the filesystem it builds).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -375,18 +377,19 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
     from ecgad.shards import TRAINING_COLUMNS, VALIDATION_COLUMNS, ShardLayout
 
     started = time.perf_counter()
-    data, out = Path(data).resolve(), Path(out).resolve()
+    data, out = location(data), location(out)
     manifest = ShardLayout(data).require_manifest()
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_uri(out):
+        out.mkdir(parents=True, exist_ok=True)
     order = SELECTION_ORDER[settings.select_by]
-    storage_path = storage_path or str(out)
+    storage_path, storage_filesystem = for_ray(storage_path or out)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=settings.to_dict(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=settings.select_by,
                                                checkpoint_score_order=order),
             failure_config=FailureConfig(max_failures=max_failures)),
@@ -403,7 +406,7 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         history = json.loads((Path(latest) / "config.json").read_text())["metadata"]["history"]
     exported = export_checkpoint(best, out)
     logger.info("model version %s published at %s (%s points at it)", exported.model_version, exported.path,
-                out / POINTER)
+                join(out, POINTER))
     chosen = next(m for m in history if m["epoch"] == exported.metadata["epoch"])
     summary = {
         "run": {"name": name, "path": result.path, "num_workers": num_workers, "use_gpu": use_gpu},
@@ -411,7 +414,7 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         "settings": settings.to_dict(),
         "epochs": history,
         "best": {
-            "epoch": chosen["epoch"], "checkpoint": str(exported.path), "pointer": str(out / POINTER),
+            "epoch": chosen["epoch"], "checkpoint": str(exported.path), "pointer": str(join(out, POINTER)),
             "model_version": exported.model_version,
             "selected_by": settings.select_by, "order": order,
             "value": chosen[settings.select_by],
@@ -422,11 +425,11 @@ def fit(data: str | Path, out: str | Path, settings: TrainSettings, *, num_worke
         },
         "wall_s": round(time.perf_counter() - started, 3),
     }
-    write_json(out / "metrics.json", summary, sort_keys=False)
+    write_json(join(out, "metrics.json"), summary, sort_keys=False)
     return summary
 
 
-def export_checkpoint(checkpoint, out: Path):
+def export_checkpoint(checkpoint, out: Path | str):
     """Publish the ecgad files of a reported Ray checkpoint (not the training state) as a version of the run
     ``out`` and point ``out/best`` at it; returns the published `ecgad.checkpoint.Checkpoint`."""
     with checkpoint.as_directory() as source:
