@@ -33,7 +33,6 @@ from ecgad.inputs import Source, input_kind, list_inputs, list_source
 from ecgad.rows import read_file
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
-from ecgad.synth_dataset import write_dataset
 from ecgad.validate import validate
 from ecgad.preprocess import prepare
 from serve.testing import free_port
