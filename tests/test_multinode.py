@@ -156,10 +156,12 @@ def test_archive_run_loses_a_node_and_scores_every_input_once(cluster, dataset, 
     root, out = dataset[0], tmp_path / "scores"
     layout = ArchiveLayout(out)
 
+    committed_at_kill = []
+
     def scorer_node_after_first_commits() -> str | None:
-        if len(layout.committed_chunks()) < 2:
-            return None
-        scorers = [a.node_id for a in _alive_actors(cluster, "ScorerActor")]
+        committed = len(layout.committed_chunks())
+        scorers = [a.node_id for a in _alive_actors(cluster, "ScorerActor")] if committed >= 2 else []
+        committed_at_kill.append(committed)
         return scorers[0] if scorers else None
 
     with ThreadPoolExecutor(1) as background:
@@ -177,6 +179,7 @@ def test_archive_run_loses_a_node_and_scores_every_input_once(cluster, dataset, 
     assert summary["complete"] and summary["records"] == summary["inputs"] == N_RECORDS
     # Every planned chunk committed whole (records file = commit marker, written atomically); no temporaries left.
     assert summary["chunks"]["planned"] == len(layout.committed_chunks()) == N_RECORDS // 2
+    assert committed_at_kill[-1] < N_RECORDS // 2                          # the node died mid-run
     assert not list(layout.records.glob(".*"))
 
 
