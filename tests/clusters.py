@@ -8,8 +8,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from ecgad.synth_dataset import write_dataset
 from serve.testing import free_port
 
 
@@ -43,3 +45,13 @@ def private_cluster(head: dict[str, Any], *nodes: dict[str, Any]) -> Iterator[An
             del os.environ["RAY_TMPDIR"]
         else:
             os.environ["RAY_TMPDIR"] = previous
+
+
+def synthetic_shards(tmp_path_factory: Any, n_records: int) -> tuple[Path, Path]:
+    """A synthetic PTB-XL root of ``n_records`` and its shards, made by ``jobs.preprocess`` on the connected cluster."""
+    from jobs.preprocess import main as preprocess
+
+    root = write_dataset(tmp_path_factory.mktemp("data") / "synth", n_records, seed=1)
+    shards = tmp_path_factory.mktemp("shards") / "shards"
+    assert preprocess(["--data", str(root), "--out", str(shards)]) == 0
+    return root, shards

@@ -31,9 +31,8 @@ from ecgad.preprocess import prepare
 from ecgad.ptbxl import VALIDATION_FOLD, load_ptbxl_index
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
-from ecgad.synth_dataset import write_dataset
 from ecgad.validate import validate
-from tests.clusters import private_cluster
+from tests.clusters import private_cluster, synthetic_shards
 
 pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
 
@@ -55,12 +54,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def data(cluster, tmp_path_factory) -> tuple[Path, Path]:
     """A synthetic PTB-XL root and its shards (made by jobs.preprocess on the cluster)."""
-    from jobs.preprocess import main as preprocess
-
-    root = write_dataset(tmp_path_factory.mktemp("data") / "synth", N_RECORDS, seed=1)
-    shards = tmp_path_factory.mktemp("shards") / "shards"
-    assert preprocess(["--data", str(root), "--out", str(shards)]) == 0
-    return root, shards
+    return synthetic_shards(tmp_path_factory, N_RECORDS)
 
 
 @contextmanager

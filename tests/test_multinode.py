@@ -33,10 +33,9 @@ import torch
 
 from ecgad.archive import ArchiveLayout
 from ecgad.synth import generate_ecg
-from ecgad.synth_dataset import write_dataset
 from serve import bodies
 from serve.testing import local_config, local_service, random_checkpoint, token_client
-from tests.clusters import private_cluster
+from tests.clusters import private_cluster, synthetic_shards
 from tests.test_jobs_train import RESUME_LINE, TRAIN_ARGS, _epochs, _latest_checkpoint
 from tests.test_serve import _npy
 
@@ -61,12 +60,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def dataset(cluster, tmp_path_factory) -> tuple[Path, Path]:
     """A synthetic PTB-XL root and its shards (made by jobs.preprocess on the worker nodes)."""
-    from jobs.preprocess import main as preprocess
-
-    root = write_dataset(tmp_path_factory.mktemp("data") / "synth", N_RECORDS, seed=1)
-    shards = tmp_path_factory.mktemp("shards") / "shards"
-    assert preprocess(["--data", str(root), "--out", str(shards)]) == 0
-    return root, shards
+    return synthetic_shards(tmp_path_factory, N_RECORDS)
 
 
 def _alive_actors(cluster, class_part: str) -> list:
