@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -36,8 +33,8 @@ from ecgad.preprocess import prepare
 from ecgad.ptbxl import VALIDATION_FOLD, load_ptbxl_index
 from ecgad.scoring import Scorer
 from ecgad.settings import REPO_ROOT
-from ecgad.synth_dataset import write_dataset
 from ecgad.validate import validate
+from tests.clusters import private_cluster, synthetic_shards
 
 pytestmark = pytest.mark.cluster  # starts Ray (see pyproject.toml's markers)
 
@@ -48,52 +45,18 @@ RESUME_LINE = re.compile(r"ecgad\.ray\.train: resuming after epoch (\d+)")
 OURS = (str(REPO_ROOT / "ecgad"), str(REPO_ROOT / "jobs"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """Two nodes of two logical CPUs each on this machine; the test process is the driver.
-
-    Ray's ``Cluster`` records its address as "the current cluster" in Ray's temp dir, where every later
-    ``ray.init()`` on the machine would connect to it; a private ``RAY_TMPDIR`` (short: it holds socket paths) keeps
-    other sessions, and other test modules, off this one.
-    """
-    import ray
-    from ray.cluster_utils import Cluster
-
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ecgad-ray-", dir="/tmp")
-    # The dashboard (on a free port) serves the state API that Ray Train's placement-group cleaner polls.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 256 * 2**20,
-                                                            "include_dashboard": True, "dashboard_port": _free_port()})
-    try:
-        cluster.add_node(num_cpus=2, object_store_memory=256 * 2**20)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+    """Two nodes of two logical CPUs each on this machine; the test process is the driver."""
+    node = {"num_cpus": 2, "object_store_memory": 256 * 2**20}
+    with private_cluster(node, node) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
-        if previous is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = previous
 
 
 @pytest.fixture(scope="module")
 def data(cluster, tmp_path_factory) -> tuple[Path, Path]:
     """A synthetic PTB-XL root and its shards (made by jobs.preprocess on the cluster)."""
-    from jobs.preprocess import main as preprocess
-
-    root = write_dataset(tmp_path_factory.mktemp("data") / "synth", N_RECORDS, seed=1)
-    shards = tmp_path_factory.mktemp("shards") / "shards"
-    assert preprocess(["--data", str(root), "--out", str(shards)]) == 0
-    return root, shards
+    return synthetic_shards(tmp_path_factory, N_RECORDS)
 
 
 @contextmanager
