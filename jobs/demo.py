@@ -3,7 +3,7 @@
 Every stage runs the same command a user or a cluster job would run (``python -m jobs.<stage>``, ``ecgad ...``), as a
 subprocess, so the demo exercises the real entry points rather than a shortcut through the library:
 
-    DeepFake ECG normals + inserted anomalies, PTB-XL layout ─► jobs.preprocess ─► jobs.train (2 Ray Train workers) ─► jobs.evaluate
+    DeepFake ECG PTB-XL-layout data ─► jobs.preprocess ─► jobs.train (2 Ray Train workers) ─► jobs.evaluate
         ─► jobs.score_archive ─► the Ray Serve service, scored over HTTP, then shut down
 
 What a person reads is one line per stage: its result, where its output is, and how long it took. Everything the
