@@ -15,7 +15,7 @@ Layout (``out/``), the same as PhysioNet's PTB-XL release plus the ground truth:
     masks/00001.npy       (12, 5000) bool on the 500 Hz axis, True where the anomaly changed the signal
 
 ``synth_seed`` regenerates a record with ``generate_ecg(synth_seed, anomaly)`` and its clean twin with
-``generate_ecg(synth_seed)``.
+``generate_ecg(synth_seed)`` (``source="deepfake"``: ``ecgad.deepfake.deepfake_ecgs([synth_seed], [anomaly])``).
 
 SCP codes are real PTB-XL statements chosen so that the project's label rule (normal iff the diagnostic
 superclasses are exactly {NORM}; no diagnostic statement -> abnormal) gives normal for clean records and abnormal
@@ -37,12 +37,15 @@ import pandas as pd
 import wfdb
 from scipy.signal import resample_poly
 
+from ecgad.deepfake import deepfake_ecgs
 from ecgad.ptbxl import MASK_DIR
 from ecgad.synth import ANOMALY_TYPES, SynthECG, generate_ecg
 
 #: PTB-XL spells the augmented leads in capitals in its WFDB headers.
 PTBXL_LEAD_NAMES = ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
 FS_HR, FS_LR = 500, 100
+#: Where ``write_dataset`` draws its ECGs from.
+SOURCES = ("simple", "deepfake")
 #: Folds cycle in this order, so with few records the validation (9) and test (10) folds fill first.
 FOLD_ORDER = (10, 9, 1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -128,12 +131,17 @@ def _assignments(n: int, anomaly_fraction: float, anomaly_types: tuple[str, ...]
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: float = 0.3,
-                  anomaly_types: tuple[str, ...] = ANOMALY_TYPES, lowres: bool = False) -> Path:
+                  anomaly_types: tuple[str, ...] = ANOMALY_TYPES, lowres: bool = False,
+                  source: str = "simple") -> Path:
     """Write ``n`` synthetic 10 s 12-lead ECGs as a PTB-XL root at ``out`` (module docstring); returns ``out``.
 
     A fraction ``anomaly_fraction`` of the records (rounded) carries one anomaly each, the types in
     ``anomaly_types`` taking turns; ``lowres`` also writes the 100 Hz files. Deterministic in ``seed``.
+    ``source`` draws the ECGs: ``"simple"`` the wave model of `ecgad.synth`, ``"deepfake"`` DeepFake ECG normals
+    (`ecgad.deepfake`) with the anomalies inserted by `ecgad.inject`.
     """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
     unknown = set(anomaly_types) - set(ANOMALY_TYPES)
     if unknown or not anomaly_types:
         raise ValueError(f"anomaly_types must be a non-empty subset of {ANOMALY_TYPES}; got {anomaly_types}")
@@ -146,11 +154,12 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
 
     layout = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     anomalies, folds = _assignments(n, anomaly_fraction, tuple(anomaly_types), layout)
+    record_seeds = [int(np.random.SeedSequence([seed, i + 1]).generate_state(1)[0]) for i in range(n)]
+    ecgs = (deepfake_ecgs(record_seeds, anomalies) if source == "deepfake"
+            else (generate_ecg(s, a, fs=FS_HR) for s, a in zip(record_seeds, anomalies)))
     rows, labels = [], []
-    for i, (anomaly, fold) in enumerate(zip(anomalies, folds)):
+    for i, (anomaly, fold, record_seed, ecg) in enumerate(zip(anomalies, folds, record_seeds, ecgs)):
         ecg_id = i + 1
-        record_seed = int(np.random.SeedSequence([seed, ecg_id]).generate_state(1)[0])
-        ecg = generate_ecg(record_seed, anomaly, fs=FS_HR)
         hr, lr = _record_path("records500", ecg_id, "hr"), _record_path("records100", ecg_id, "lr")
         _write_wfdb(root, hr, ecg.signal, FS_HR)
         if lowres:
@@ -175,7 +184,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
             "record_path": hr, "diagnostic_superclasses": "|".join(sorted(superclasses)),
             "norm_only": int(superclasses == {"NORM"}), "has_norm": int("NORM" in superclasses),
             "label": "normal" if superclasses == {"NORM"} else "abnormal", "scp_codes": str(codes),
-            "source": f"ecgad.synth seed={record_seed} anomaly={anomaly or 'none'}",
+            "source": f"{'ecgad.deepfake' if source == 'deepfake' else 'ecgad.synth'} seed={record_seed} anomaly={anomaly or 'none'}",
         })
     pd.DataFrame(rows).to_csv(root / "ptbxl_database.csv", index=False)
     pd.DataFrame(labels).to_csv(root / "labels.csv", index=False)

@@ -3,7 +3,7 @@
 Every stage runs the same command a user or a cluster job would run (``python -m jobs.<stage>``, ``ecgad ...``), as a
 subprocess, so the demo exercises the real entry points rather than a shortcut through the library:
 
-    synthetic PTB-XL-layout data ─► jobs.preprocess ─► jobs.train (2 Ray Train workers) ─► jobs.evaluate
+    DeepFake ECG PTB-XL-layout data ─► jobs.preprocess ─► jobs.train (2 Ray Train workers) ─► jobs.evaluate
         ─► jobs.score_archive ─► the Ray Serve service, scored over HTTP, then shut down
 
 What a person reads is one line per stage: its result, where its output is, and how long it took. Everything the
@@ -185,12 +185,12 @@ def _data(stages: Stages, out: Path) -> Path:
         data_root = Path(real).resolve()
         how = "records (PTB-XL root)"
     else:
-        data_root = out / "synthetic"
-        how = "synthetic records (reused)"
+        data_root = out / "deepfake"     # DeepFake ECG normals: realistic morphology (ecgad.deepfake)
+        how = "DeepFake ECG records (reused)"
         if not (data_root / "ptbxl_database.csv").is_file():
-            stages.run([PY, "-m", "ecgad.cli", "synth", "--out", str(data_root), "--n", "300", "--seed", "0",
-                        "--anomaly-fraction", "0.3"], summary=False)
-            how = "synthetic records, 30 % with anomalies"
+            stages.run([PY, "-m", "ecgad.cli", "synth", "--source", "deepfake", "--out", str(data_root), "--n", "300",
+                        "--seed", "0", "--anomaly-fraction", "0.3"], summary=False)
+            how = "DeepFake ECG records, 30 % with inserted anomalies"
     with open(data_root / "ptbxl_database.csv", newline="") as f:
         n_records = sum(1 for _ in csv.DictReader(f))
     stages.report("data", f"{n_records} {how}", _shown(data_root))
