@@ -5,6 +5,10 @@ Layout::
     <dir>/weights.pt     the model's state_dict (CPU tensors), loaded with ``torch.load(weights_only=True)``
     <dir>/config.json    model_config, prep_config, threshold (null when unknown), threshold_quantile, git_commit,
                          created, ecgad_version, weights_sha256, format_version, metadata (training history, ...)
+    <dir>/diagnosis.pt   only in a diagnosis checkpoint: the state_dict of the diagnosis network (its own, fine-tuned
+                         copy of the encoders, and the multi-label head); config.json then has a ``diagnosis`` entry
+                         (classes, thresholds, head config, diagnosis_sha256; `ecgad.diagnosis`). weights.pt stays the
+                         anomaly detector it was fine-tuned from, so scores and maps keep their calibrated threshold
 
 Why a directory of plain files rather than one pickle: ``weights_only`` loading cannot execute code from a
 checkpoint someone hands us, and ``config.json`` can be read (and diffed) without torch. The weights' SHA-256 is
@@ -55,6 +59,7 @@ from ecgad.settings import REPO_ROOT
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
+DIAGNOSIS_FILE = "diagnosis.pt"
 FORMAT_VERSION = 1
 #: The folder of a run directory that holds its published versions, and the pointer at the current one.
 MODELS_DIR = "models"
@@ -81,6 +86,7 @@ class Checkpoint:
     created: str
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    diagnosis: dict[str, Any] | None = None  # the diagnosis network's entry (`ecgad.diagnosis`), None for a detector
 
 
 def git_commit() -> str:
@@ -118,8 +124,12 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config: MCFConfig,
                     prep_config: PrepConfig, threshold: float, *, metadata: dict[str, Any] | None = None,
-                    threshold_quantile: float | None = 0.95) -> Path:
+                    threshold_quantile: float | None = 0.95, network: torch.nn.Module | None = None,
+                    diagnosis: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (its weights moved to CPU) and its configs to ``directory``, atomically; returns the path.
+
+    ``network`` and ``diagnosis`` (together): a diagnosis network and its description (`ecgad.diagnosis`), stored as
+    `DIAGNOSIS_FILE` and the ``diagnosis`` entry; the detector files stay as they are, so the checkpoint still scores.
 
     An existing checkpoint at ``directory`` is replaced whole. ``threshold`` may be NaN (not calibrated yet); it is
     stored as ``null`` because JSON has no NaN.
@@ -143,6 +153,10 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config:
             "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
             "metadata": metadata or {},
         }
+        if network is not None:
+            torch.save({k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()},
+                       tmp / DIAGNOSIS_FILE)
+            config["diagnosis"] = {**(diagnosis or {}), "diagnosis_sha256": _sha256(tmp / DIAGNOSIS_FILE)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_to_json, allow_nan=False) + "\n")
         replace_directory(tmp, directory)
     except BaseException:
@@ -155,7 +169,10 @@ def model_version_of(config: dict[str, Any]) -> str:
     """The version of the checkpoint whose ``config.json`` is ``config``: ``<weights sha256[:12]>-<sha256 of the
     VERSIONED_FIELDS as canonical JSON[:12]>``. The first part shows at a glance which versions share weights (the
     same model with another threshold); the second tells those apart."""
-    content = json.dumps({name: config.get(name) for name in VERSIONED_FIELDS}, sort_keys=True,
+    versioned = {name: config.get(name) for name in VERSIONED_FIELDS}
+    if config.get("diagnosis") is not None:   # a detector's version is unchanged by the field's existence
+        versioned["diagnosis"] = config["diagnosis"]
+    content = json.dumps(versioned, sort_keys=True,
                          separators=(",", ":"), allow_nan=False)
     return f"{str(config.get('weights_sha256'))[:12]}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
 
@@ -195,8 +212,9 @@ def _store_version(source: Path, models: Path) -> Checkpoint:
     if not target.is_dir():
         tmp = temporary_directory(target)
         try:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                shutil.copy2(source / name, tmp / name)
+            for name in (WEIGHTS_FILE, CONFIG_FILE, DIAGNOSIS_FILE):
+                if name != DIAGNOSIS_FILE or (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
             publish_directory(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +299,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
                                                            if len(problems) > 20 else ""))
     model.load_state_dict(state)
     model.to(torch.device(device or "cpu")).eval()
+    diagnosis = config.get("diagnosis")
+    if diagnosis is not None and (not (directory / DIAGNOSIS_FILE).is_file()
+                                  or _sha256(directory / DIAGNOSIS_FILE) != diagnosis.get("diagnosis_sha256")):
+        raise CheckpointError(f"{directory / DIAGNOSIS_FILE} is missing or does not match the hash recorded in {CONFIG_FILE}")
 
     threshold = config.get("threshold")
     commit = str(config.get("git_commit", "unknown"))
@@ -289,7 +311,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
         threshold=math.nan if threshold is None else float(threshold),
         threshold_quantile=config.get("threshold_quantile"),
         model_version=model_version_of(config), git_commit=commit,
-        created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}))
+        created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}),
+        diagnosis=diagnosis)
 
 
 def import_published_checkpoint(published_pt: str | Path, out_dir: str | Path,

@@ -36,7 +36,8 @@ def _report_rejection(path: str | Path, reason: str, message: str) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ecgad.synth_dataset import write_dataset
 
-    root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction)
+    root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction,
+                         long_tail=args.long_tail)
     print(f"wrote {args.n} synthetic records in PTB-XL layout to {root}")
     return 0
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--anomaly-fraction", type=float, default=0.3)
+    p.add_argument("--long-tail", action="store_true",
+                   help="anomaly kinds and combinations with power-law prevalence (the diagnosis benchmark)")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("inspect", help="read, validate and prepare one record; print what the model sees")

@@ -27,11 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from ecgad.atomic import replace_directory, temporary_directory, write_json, write_parquet
+from ecgad.atomic import replace_directory, temporary_directory, write_bytes, write_json, write_parquet
 from ecgad.config import PrepConfig
 from ecgad.inputs import list_inputs
 from ecgad.log import get_logger
-from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
+from ecgad.labels import STATEMENTS_FILE
+from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, label_summary, summarize
 
 log = get_logger("jobs.preprocess")  # not __name__, which is "__main__" under `python -m`
 
@@ -88,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
          .write_parquet(str(ShardLayout(tmp).records), compression="zstd"))
         counts, rejections = summarize(ShardLayout(tmp).records)
         write_parquet(ShardLayout(tmp).rejections, rejections)
+        if (root / STATEMENTS_FILE).is_file():   # a PTB-XL root: the diagnosis targets' definitions travel along
+            write_bytes(ShardLayout(tmp).statements, (root / STATEMENTS_FILE).read_bytes())
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "data": str(root),
             "prep_config": cfg.to_dict(), "storage_dtype": STORAGE_DTYPE, "counts": counts,
+            "labels": label_summary(ShardLayout(tmp)),
             "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 3),
         }
