@@ -172,20 +172,21 @@ def build_network(head_config: HeadConfig, mcf: MCF, init: str, freeze_encoders:
 
 # -- losses -------------------------------------------------------------------------------------------------------
 
-def class_balanced_weights(train_targets: np.ndarray, beta: float = BALANCED_BETA) -> np.ndarray:
-    """Per-class weights of the positives, ``(1 - beta) / (1 - beta^n_c)`` normalized to mean 1 (a class with no
-    training positive gets the largest weight, harmlessly: it has no positive term)."""
-    counts = np.asarray(train_targets).sum(axis=0)
+def class_balanced_weights(counts: Sequence[float], beta: float = BALANCED_BETA) -> np.ndarray:
+    """Per-class weights of the positives from the training positives per class ``counts``:
+    ``(1 - beta) / (1 - beta^n_c)`` normalized to mean 1 (a class with no training positive gets the largest
+    weight, harmlessly: it has no positive term)."""
+    counts = np.asarray(counts, dtype=np.float64)
     weights = (1.0 - beta) / (1.0 - np.power(beta, np.maximum(counts, 1)))
     return (weights / weights.mean()).astype(np.float32)
 
 
-def make_loss(name: str, train_targets: np.ndarray):
-    """``loss(logits, targets) -> scalar`` for one of `LOSSES`, fitted to the training targets' class counts."""
+def make_loss(name: str, class_counts: Sequence[float]):
+    """``loss(logits, targets) -> scalar`` for one of `LOSSES`, fitted to the training positives per class."""
     if name == "bce":
         return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets)
     if name == "balanced":
-        weights = torch.from_numpy(class_balanced_weights(train_targets))
+        weights = torch.from_numpy(class_balanced_weights(class_counts))
 
         def balanced(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             w = weights.to(logits.device)

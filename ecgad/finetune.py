@@ -120,7 +120,7 @@ def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Pa
     head_config = HeadConfig(len(data.classes), detector.model_config.hidden, detector.model_config.n_leads,
                              anomaly_inputs)
     net = build_network(head_config, detector.model, init, freeze_encoders).to(device)
-    loss_fn = make_loss(loss, data.train.window_targets())
+    loss_fn = make_loss(loss, data.train.window_targets().sum(axis=0))
     optimizer = make_optimizer(net, lr=lr)
     history, best = [], None
     for epoch in range(epochs):

@@ -76,16 +76,29 @@ def vocabulary(all_codes: Iterable[Mapping[str, float]], statements: pd.DataFram
     return sorted(set().union(*(level_classes(c, statements, level) for c in all_codes)))
 
 
-def multi_hot(codes: Sequence[Mapping[str, float]], statements: pd.DataFrame, level: str,
-              classes: Sequence[str]) -> np.ndarray:
-    """``(records, classes)`` float32 targets: 1 where the record carries the class at ``level``."""
+def code_map(statements: pd.DataFrame, level: str) -> dict[str, list[str]]:
+    """Statement -> its classes at ``level``: a record's classes are the union over its statements, so this small
+    map (plain JSON) is all a training worker needs to turn ``scp_codes`` into targets (`targets_from_map`)."""
+    return {code: sorted(level_classes({code: 0.0}, statements, level)) for code in statements.index}
+
+
+def targets_from_map(codes: Sequence[Mapping[str, float]], classes_of: Mapping[str, Sequence[str]],
+                     classes: Sequence[str]) -> np.ndarray:
+    """``(records, classes)`` float32 targets: 1 where one of the record's statements maps to the class."""
     position = {name: i for i, name in enumerate(classes)}
     targets = np.zeros((len(codes), len(classes)), dtype=np.float32)
     for row, record_codes in enumerate(codes):
-        for name in level_classes(record_codes, statements, level):
-            if name in position:
-                targets[row, position[name]] = 1.0
+        for code in record_codes:
+            for name in classes_of.get(code, ()):
+                if name in position:
+                    targets[row, position[name]] = 1.0
     return targets
+
+
+def multi_hot(codes: Sequence[Mapping[str, float]], statements: pd.DataFrame, level: str,
+              classes: Sequence[str]) -> np.ndarray:
+    """``(records, classes)`` float32 targets: 1 where the record carries the class at ``level``."""
+    return targets_from_map(codes, code_map(statements, level), classes)
 
 
 def head_and_tail(train_targets: np.ndarray, classes: Sequence[str],
