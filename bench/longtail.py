@@ -1,6 +1,6 @@
 """Does anomaly-detection pretraining help the rare classes? The synthetic long-tail diagnosis benchmark.
 
-    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 3] [--work DIR]
+    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 2] [--work DIR]
 
 1. ``ecgad synth --long-tail``: ``--n`` records, half normal, the anomalous half spread over the generator's kinds
    and combinations by a power law (`ecgad.synth_dataset.LONG_TAIL_KINDS`), folds stratified by kind;
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgad.checkpoint import load_checkpoint
 from ecgad.diagnosis import LOSSES
 from ecgad.finetune import finetune_local, load_labelled
 from ecgad.synth_dataset import write_dataset
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every run")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of every run")
     parser.add_argument("--level", default="all")
     parser.add_argument("--work", default="/tmp/ecgad-longtail")
     args = parser.parse_args(argv)
@@ -49,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     root = work / f"synth-{args.n}"
     if not (root / "ptbxl_database.csv").is_file():
         write_dataset(root, n=args.n, seed=0, anomaly_fraction=0.5, long_tail=True)
-    detector = train_local(root, work / "ad" / "best", config="small", epochs=args.pretrain_epochs, lr=1e-3)
+    detector = work / "ad" / "best"
+    if not (detector / "config.json").is_file():   # a rerun on the same --work reuses the pretrained detector
+        train_local(root, detector, config="small", epochs=args.pretrain_epochs, lr=1e-3)
+    pretraining = load_checkpoint(detector).metadata["selection"]
+    print(f"detector {detector.resolve()}: fold-9 anomaly AUROC {pretraining['best'].get('val_auroc')} "
+          f"(epoch {pretraining['best_epoch']})", flush=True)
     data = load_labelled(root, args.level)
     print(f"{len(data.classes)} classes; head {data.split['head']}; tail {data.split['tail']} "
           f"({data.split['rule']}); records train/val/test {len(data.train.record_ids)}/{len(data.val.record_ids)}/"

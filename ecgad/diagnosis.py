@@ -204,28 +204,61 @@ def make_loss(name: str, class_counts: Sequence[float]):
 
 # -- training and prediction --------------------------------------------------------------------------------------
 
-def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], loss_fn) -> float:
+class FeatureBatch(NamedTuple):
+    """Cached `DiagnosisNet.features` of windows ``(B, features)`` and their targets: what a linear probe trains on,
+    since its frozen encoders give the same features every epoch (`HeadOnFeatures`)."""
+
+    features: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "FeatureBatch":
+        return FeatureBatch(*(None if t is None else t.to(device) for t in self))
+
+
+class HeadOnFeatures(nn.Module):
+    """A frozen-encoder `DiagnosisNet` seen through its head alone, taking `FeatureBatch` es."""
+
+    def __init__(self, net: DiagnosisNet) -> None:
+        super().__init__()
+        self.head = net.head
+
+    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+        return self.head(batch.features)
+
+
+@torch.no_grad()
+def cached_features(net: DiagnosisNet, batches: Iterable[Batch]) -> torch.Tensor:
+    """``(windows, features)`` of a frozen-encoder network over ``batches``, in order (on the CPU)."""
+    if not net.freeze_encoders:
+        raise ValueError("features can be cached only with frozen encoders")
+    net.eval()
+    device = device_of(net)
+    return torch.cat([net.features(batch.to(device)).cpu() for batch in batches])
+
+
+def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch | FeatureBatch],
+                loss_fn) -> float:
     """One pass over ``batches``; returns the sample-weighted mean loss. Works on a DDP-wrapped network too."""
     net.train()
     device = device_of(net)
     total, n = 0.0, 0
     for batch in batches:
-        if len(batch.global_x) < 2:   # batch norm in training mode cannot normalize one sample
+        if len(batch.targets) < 2:   # batch norm in training mode cannot normalize one sample
             continue
         batch = batch.to(device)
         loss = loss_fn(net(batch), batch.targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(batch.global_x)
-        n += len(batch.global_x)
+        total += loss.item() * len(batch.targets)
+        n += len(batch.targets)
     if not n:
         raise ValueError("train_epoch got no batch of two or more windows")
     return total / n
 
 
 @torch.no_grad()
-def predict(net: nn.Module, batches: Iterable[Batch]) -> np.ndarray:
+def predict(net: nn.Module, batches: Iterable[Batch | FeatureBatch]) -> np.ndarray:
     """Probabilities ``(windows, classes)`` over ``batches``, in order, in eval mode."""
     net.eval()
     device = device_of(net)

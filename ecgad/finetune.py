@@ -27,9 +27,9 @@ import torch
 
 from ecgad.checkpoint import Checkpoint, load_checkpoint, publish_checkpoint
 from ecgad.config import PrepConfig
-from ecgad.diagnosis import (Batch, HeadConfig, build_network, diagnosis_metrics, fit_thresholds, macro_auroc,
-                             make_batch, make_loss, predict, record_probabilities, save_diagnosis_checkpoint,
-                             train_epoch)
+from ecgad.diagnosis import (Batch, DiagnosisNet, FeatureBatch, HeadConfig, HeadOnFeatures, build_network,
+                             cached_features, diagnosis_metrics, fit_thresholds, macro_auroc, make_batch, make_loss,
+                             predict, record_probabilities, save_diagnosis_checkpoint, train_epoch)
 from ecgad.labels import head_and_tail, level_classes, multi_hot, read_statements, vocabulary
 from ecgad.log import get_logger
 from ecgad.ptbxl import TEST_FOLD, TRAIN_FOLDS, VALIDATION_FOLD, load_ptbxl_index
@@ -78,6 +78,23 @@ class LabelledFold:
         return record_probabilities(predict(net, self.batches(batch_size)), self.window_record, len(self.record_ids))
 
 
+class FeatureFold(LabelledFold):
+    """A fold whose windows are the cached features of a frozen-encoder network (`ecgad.diagnosis.HeadOnFeatures`
+    trains on them): a linear probe computes its encoders once, not every epoch."""
+
+    def __init__(self, fold: LabelledFold, net: DiagnosisNet, batch_size: int) -> None:
+        super().__init__(fold.record_ids, fold.globals_, fold.beats, fold.window_record, fold.targets)
+        self.features = cached_features(net, fold.batches(batch_size))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[FeatureBatch]:
+        n = len(self.features)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        targets = torch.from_numpy(self.window_targets())
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield FeatureBatch(self.features[idx], targets[idx])
+
+
 @dataclass
 class LabelledData:
     """A PTB-XL root prepared for diagnosis at one label level (`load_labelled`)."""
@@ -120,13 +137,18 @@ def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Pa
     head_config = HeadConfig(len(data.classes), detector.model_config.hidden, detector.model_config.n_leads,
                              anomaly_inputs)
     net = build_network(head_config, detector.model, init, freeze_encoders).to(device)
+    folds = {"train": data.train, "val": data.val, "test": data.test}
+    trained = net
+    if freeze_encoders:   # the features do not change: compute them once
+        folds = {name: FeatureFold(fold, net, batch_size) for name, fold in folds.items()}
+        trained = HeadOnFeatures(net)
     loss_fn = make_loss(loss, data.train.window_targets().sum(axis=0))
-    optimizer = make_optimizer(net, lr=lr)
+    optimizer = make_optimizer(trained, lr=lr)
     history, best = [], None
     for epoch in range(epochs):
         set_lr(optimizer, lr_for_epoch(epoch, epochs, lr))
-        train_loss = train_epoch(net, optimizer, data.train.batches(batch_size, generator), loss_fn)
-        val_probs = data.val.probabilities(net, batch_size)
+        train_loss = train_epoch(trained, optimizer, folds["train"].batches(batch_size, generator), loss_fn)
+        val_probs = folds["val"].probabilities(trained, batch_size)
         entry = {"epoch": epoch, "train_loss": train_loss, "val_macro_auroc": macro_auroc(data.val.targets, val_probs)}
         history.append(entry)
         logger.info("finetune epoch %d/%d: train loss %.4f, fold-9 macro AUROC %.4f", epoch, epochs - 1, train_loss,
@@ -139,7 +161,7 @@ def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Pa
     summary = {
         "val": diagnosis_metrics(data.val.targets, best["val_probs"], thresholds, data.classes, data.split,
                                  n_boot=n_boot),
-        "test": diagnosis_metrics(data.test.targets, data.test.probabilities(net, batch_size), thresholds,
+        "test": diagnosis_metrics(data.test.targets, folds["test"].probabilities(trained, batch_size), thresholds,
                                   data.classes, data.split, n_boot=n_boot),
         "history": history,
     }

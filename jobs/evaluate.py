@@ -16,6 +16,11 @@ validated and prepared in CPU tasks, scored by an actor pool (each actor loads t
     roc.png        the ROC curve
     maps/          the 12-lead plot with the anomaly map of the ``--plots`` highest- and lowest-scored records
 
+When the checkpoint has a diagnosis head (``jobs.finetune``), metrics.json also has ``diagnosis``: per class AUROC,
+AUPRC, and sensitivity and specificity at the thresholds set on fold 9, and the macro AUROC over all, head and tail
+classes with bootstrap 95 % CIs (`ecgad.diagnosis.diagnosis_metrics`), over the fold's prepared records that carry a
+class at the checkpoint's label level; the network runs in this process (`ecgad.diagnose.Diagnoser`).
+
 The last line on stdout is metrics.json as one JSON object. Exit codes: 0 done, 2 bad usage.
 """
 
@@ -111,6 +116,26 @@ def plot_extremes(results: list[dict[str, Any]], k: int, checkpoint: Path, mode:
     return written
 
 
+def diagnosis_section(checkpoint: Path, root: Path, ok: list[dict[str, Any]], n_boot: int) -> dict[str, Any]:
+    """Diagnosis metrics of the checkpoint's head over the scored records ``ok`` that carry a class at its level."""
+    from ecgad.diagnose import Diagnoser
+    from ecgad.diagnosis import diagnosis_metrics
+    from ecgad.labels import level_classes, multi_hot, parse_codes, read_statements
+
+    diagnoser = Diagnoser(checkpoint)
+    statements = read_statements(root)
+    codes = [parse_codes(r["scp_codes"]) for r in ok]
+    labelled = [(r, c) for r, c in zip(ok, codes) if level_classes(c, statements, diagnoser.level)]
+    prepared = [prepare(validate(read_file(r["path"])), diagnoser.scorer.prep_config) for r, _ in labelled]
+    targets = multi_hot([c for _, c in labelled], statements, diagnoser.level, diagnoser.classes)
+    probs = diagnoser.probabilities(prepared) if prepared else np.zeros((0, len(diagnoser.classes)))
+    entry = diagnoser.checkpoint.diagnosis
+    metrics = diagnosis_metrics(targets, probs, diagnoser.thresholds, diagnoser.classes, entry["split"],
+                                n_boot=n_boot)
+    return {"level": entry["level"], "init": entry.get("init"), "freeze_encoders": entry.get("freeze_encoders"),
+            "thresholds_from": entry.get("threshold_rule"), **metrics}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root, out = Path(args.data).resolve(), Path(args.out).resolve()
@@ -166,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_scores(labels, scores, loaded.threshold, maps=maps if with_maps and maps else None,
                               masks=masks if with_maps and maps else None, n_boot=args.n_boot)
 
+    if loaded.diagnosis is not None:
+        metrics["diagnosis"] = diagnosis_section(checkpoint, root, ok, args.n_boot)
     plot_roc(labels, scores, metrics["record_auroc"]["value"], out / "roc.png")
     plots = plot_extremes(ok, args.plots, checkpoint, args.mode, out / "maps") if ok else []
     columns = ["record_id", "label", "status", "reason", "pred_score", "pred_label"]
