@@ -1,6 +1,6 @@
 """Does anomaly-detection pretraining help the rare classes? The synthetic long-tail diagnosis benchmark.
 
-    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 2] [--work DIR]
+    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 1] [--work DIR]
 
 1. ``ecgad synth --long-tail``: ``--n`` records, half normal, the anomalous half spread over the generator's kinds
    and combinations by a power law (`ecgad.synth_dataset.LONG_TAIL_KINDS`), folds stratified by kind;
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of every run")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs of every run")
     parser.add_argument("--level", default="all")
     parser.add_argument("--work", default="/tmp/ecgad-longtail")
     args = parser.parse_args(argv)
@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({data.split['rule']}); records train/val/test {len(data.train.record_ids)}/{len(data.val.record_ids)}/"
           f"{len(data.test.record_ids)}", flush=True)
 
+    probe_features: dict = {}
+
     def run(variant: str, seed: int, loss: str) -> dict:
         init, freeze = VARIANTS[variant]
         summary = finetune_local(data, detector, work / f"{variant}-{loss}-{seed}" / "best", init=init,
-                                 freeze_encoders=freeze, loss=loss, epochs=args.epochs, seed=seed, n_boot=100)
+                                 freeze_encoders=freeze, loss=loss, epochs=args.epochs, seed=seed, n_boot=100,
+                                 probe_features=probe_features)
         macro = {part: summary[part]["macro_auroc"] for part in ("val", "test")}
         print(f"{variant:10s} loss {loss:8s} seed {seed}: fold-9 macro AUROC {macro['val']['all']['auroc']:.4f}; "
               f"fold 10 head {macro['test']['head']['auroc']:.4f} tail {macro['test']['tail']['auroc']}"

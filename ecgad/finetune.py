@@ -127,10 +127,14 @@ def load_labelled(data_root: str | Path, level: str, prep_config: PrepConfig = P
 def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Path, *, init: str = "pretrained",
                    freeze_encoders: bool = False, loss: str = "bce", epochs: int = 10, batch_size: int = 32,
                    lr: float = FINETUNE_LR, seed: int = 0, anomaly_inputs: bool = True,
-                   device: str | torch.device = "cpu", n_boot: int = 200) -> dict[str, Any]:
+                   device: str | torch.device = "cpu", n_boot: int = 200,
+                   probe_features: dict[str, FeatureFold] | None = None) -> dict[str, Any]:
     """Fine-tune on ``data`` from the detector at ``pretrained`` (`ecgad.diagnosis.INITS`), keep the epoch with the
     best fold-9 macro AUROC, set the thresholds on fold 9, measure fold 10, publish; returns the summary
-    (``checkpoint``, ``val``/``test`` metrics, ``history``)."""
+    (``checkpoint``, ``val``/``test`` metrics, ``history``).
+
+    ``probe_features``: a dict that keeps a linear probe's cached features (`FeatureFold`) for the next probe on
+    the same data and detector (the features depend on nothing else), filled on first use."""
     started = time.perf_counter()
     generator = set_seed(seed)
     detector = load_checkpoint(pretrained)
@@ -140,7 +144,9 @@ def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Pa
     folds = {"train": data.train, "val": data.val, "test": data.test}
     trained = net
     if freeze_encoders:   # the features do not change: compute them once
-        folds = {name: FeatureFold(fold, net, batch_size) for name, fold in folds.items()}
+        cache = probe_features if probe_features is not None and init == "pretrained" else {}
+        folds = {name: cache.get(name) or FeatureFold(fold, net, batch_size) for name, fold in folds.items()}
+        cache.update(folds)
         trained = HeadOnFeatures(net)
     loss_fn = make_loss(loss, data.train.window_targets().sum(axis=0))
     optimizer = make_optimizer(trained, lr=lr)
