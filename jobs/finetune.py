@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -89,24 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    import ray
-
     from ecgad.ray.finetune import FinetuneSettings, fit
-    from jobs.train import automatic_cpus_per_worker, cpu_shortage
+    from jobs.train import sized_workers
 
     settings = FinetuneSettings(
         pretrained=str(pretrained), level=args.labels, classes=list(classes), classes_of=classes_of,
         class_counts=[int(c) for c in train_targets.sum(axis=0)], split=head_and_tail(train_targets, classes),
         prep_config=manifest["prep_config"], init=args.init, freeze_encoders=args.freeze_encoders, loss=args.loss,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
-    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-    cpus_per_worker = args.cpus_per_worker
-    if cpus_per_worker is None:
-        cpus_per_worker = automatic_cpus_per_worker(args.num_workers, cluster_cpus) if local else 1.0
-    problem = cpu_shortage(args.num_workers, cpus_per_worker, cluster_cpus)
+    cpus_per_worker, problem, local = sized_workers(args.num_workers, args.cpus_per_worker)
     if problem and local:
         print(f"finetune: error: {problem}", file=sys.stderr)
         return 2
