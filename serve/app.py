@@ -232,6 +232,8 @@ class ECGModel:
             "prep_config": checkpoint.prep_config.to_dict(),
             "metadata": checkpoint.metadata,
             "batching": self._batching.model_dump(),
+            "diagnosis": None if self.diagnoser is None else {"level": self.diagnoser.level,
+                                                               "classes": self.diagnoser.classes},
         }
 
 

@@ -96,8 +96,28 @@ def test_evaluate_diagnose_and_serve_agree(chain, tmp_path):
     with local_service(chain["run"] / "best", local_config(token=TOKEN)) as url, token_client(url, TOKEN) as client:
         response = client.post("/v1/diagnose", content=buffer.getvalue(), params={"fs": record.fs},
                                headers={"Content-Type": bodies.NPY_TYPE})
+        info = client.get("/v1/model").json()   # what the viewer asks before it shows diagnoses
+    assert info["diagnosis"] == {"level": LEVEL, "classes": ["CD", "HYP", "MI", "NORM", "STTC"]}
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["diagnosis"]["labels"] == expected.labels
     assert body["diagnosis"]["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
     assert body["pred_score"] == pytest.approx(expected_scores.pred_score, rel=1e-5) and body["anomaly_map"]
+
+
+def test_archive_rows_carry_the_diagnosis(chain, tmp_path):
+    from jobs import score_archive
+
+    best = chain["run"] / "best"
+    assert score_archive.main(["--input", str(chain["data"] / "records500"), "--checkpoint", str(best),
+                               "--out", str(tmp_path / "archive"), "--diagnose", "--chunk-size", "8"]) == 0
+    rows = {r["record_id"]: r for r in pads.dataset(tmp_path / "archive" / "records", format="parquet")
+            .to_table().to_pylist()}
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows.values())
+    record = validate(read_record(chain["data"] / RECORD))
+    (_, expected), = Diagnoser(best).diagnose_records([record], with_maps=False)
+    row = next(r for r in rows.values() if r["record_id"].endswith("06000_hr"))
+    assert row["diagnosis_labels"] == expected.labels
+    assert json.loads(row["diagnosis_probabilities"]) == pytest.approx(expected.probabilities, abs=1e-6)
+    assert score_archive.main(["--input", str(chain["data"] / "records500"), "--checkpoint",
+                               str(chain["detector"]), "--out", str(tmp_path / "detector-only"), "--diagnose"]) == 2
