@@ -7,7 +7,9 @@ ROOT is a PTB-XL root (real, or synthetic from ``ecgad.synth_dataset``; folds an
 folder of ECG files (no folds or labels: preparable, not trainable). Records are listed on the driver, then read,
 validated and prepared in parallel Ray tasks (`ecgad.ray.data.prepare_shard_rows`) and written by Ray Data; Ray Data's
 progress bars show the stages. Rejected records are rows too, and are listed with their reasons in
-``SHARDS/rejections.parquet``.
+``SHARDS/rejections.parquet``. Every record of a PTB-XL root keeps its ``scp_codes``, the root's
+``scp_statements.csv`` is copied along and the manifest lists each label level's classes (``labels``), so
+``jobs.finetune`` can derive the diagnosis targets (`ecgad.labels`) from the shards alone.
 
 Idempotent: the shards are built in a hidden sibling directory and swapped in whole when complete, with a manifest
 holding a fingerprint of the inputs and settings. Rerunning on an up-to-date output does nothing; rerunning after a
