@@ -1,6 +1,6 @@
 """Does anomaly-detection pretraining help the rare classes? The synthetic long-tail diagnosis benchmark.
 
-    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 1] [--work DIR]
+    python bench/longtail.py [--n 600] [--seeds 0 1 2] [--pretrain-epochs 4] [--epochs 1] [--jobs 3] [--work DIR]
 
 1. ``ecgad synth --long-tail``: ``--n`` records, half normal, the anomalous half spread over the generator's kinds
    and combinations by a power law (`ecgad.synth_dataset.LONG_TAIL_KINDS`), folds stratified by kind;
@@ -20,19 +20,46 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ecgad.checkpoint import load_checkpoint
 from ecgad.diagnosis import LOSSES
-from ecgad.finetune import finetune_local, load_labelled
+from ecgad.finetune import finetune_local, load_labelled, probe_feature_folds
 from ecgad.synth_dataset import write_dataset
 from ecgad.train import train_local
 
 VARIANTS = {"pretrained": ("pretrained", False), "probe": ("pretrained", True), "scratch": ("random", False)}
+
+#: What every worker process shares, set once by `_init_worker`: the prepared data, the detector, the probe's
+#: cached features, the settings.
+_SHARED: dict = {}
+
+
+def _init_worker(shared: dict) -> None:
+    import torch
+
+    torch.set_num_threads(1)    # one core per run: the runs themselves are the parallelism
+    _SHARED.update(shared)
+
+
+def _run(variant: str, seed: int, loss: str) -> tuple[str, int, str, dict]:
+    """One fine-tuning run (in a worker process): its fold-9 and fold-10 macro AUROCs."""
+    data, work, epochs = _SHARED["data"], _SHARED["work"], _SHARED["epochs"]
+    init, freeze = VARIANTS[variant]
+    summary = finetune_local(data, _SHARED["detector"], work / f"{variant}-{loss}-{seed}" / "best", init=init,
+                             freeze_encoders=freeze, loss=loss, epochs=epochs, seed=seed, n_boot=100,
+                             probe_features=dict(_SHARED["probe_features"]))
+    macro = {part: summary[part]["macro_auroc"] for part in ("val", "test")}
+    print(f"{variant:10s} loss {loss:8s} seed {seed}: fold-9 macro AUROC {macro['val']['all']['auroc']:.4f}; "
+          f"fold 10 head {macro['test']['head']['auroc']:.4f} tail {macro['test']['tail']['auroc']}"
+          f" ({summary['seconds']:.0f} s)", flush=True)
+    return variant, seed, loss, macro
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs of every run")
     parser.add_argument("--level", default="all")
+    parser.add_argument("--jobs", type=int, default=3, help="runs at a time, one process (one torch thread) each")
     parser.add_argument("--work", default="/tmp/ecgad-longtail")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -60,27 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(data.classes)} classes; head {data.split['head']}; tail {data.split['tail']} "
           f"({data.split['rule']}); records train/val/test {len(data.train.record_ids)}/{len(data.val.record_ids)}/"
           f"{len(data.test.record_ids)}", flush=True)
+    probe_features = probe_feature_folds(data, detector)
+    shared = {"data": data, "work": work, "epochs": args.epochs, "detector": detector,
+              "probe_features": probe_features}
 
-    probe_features: dict = {}
-
-    def run(variant: str, seed: int, loss: str) -> dict:
-        init, freeze = VARIANTS[variant]
-        summary = finetune_local(data, detector, work / f"{variant}-{loss}-{seed}" / "best", init=init,
-                                 freeze_encoders=freeze, loss=loss, epochs=args.epochs, seed=seed, n_boot=100,
-                                 probe_features=probe_features)
-        macro = {part: summary[part]["macro_auroc"] for part in ("val", "test")}
-        print(f"{variant:10s} loss {loss:8s} seed {seed}: fold-9 macro AUROC {macro['val']['all']['auroc']:.4f}; "
-              f"fold 10 head {macro['test']['head']['auroc']:.4f} tail {macro['test']['tail']['auroc']}"
-              f" ({summary['seconds']:.0f} s)", flush=True)
-        return macro
-
-    losses = {loss: run("probe", args.seeds[0], loss)["val"]["all"]["auroc"] for loss in LOSSES}
-    loss = max(losses, key=lambda name: losses[name] if losses[name] is not None else -math.inf)
-    print(f"loss chosen on fold 9 (probe, seed {args.seeds[0]}): {loss} {losses}", flush=True)
-
-    results = {variant: [run(variant, seed, loss)["test"] for seed in args.seeds] for variant in VARIANTS}
-    out: dict = {"n_records": args.n, "level": args.level, "seeds": args.seeds, "loss": loss, "loss_fold9": losses,
-                 "tail_classes": data.split["tail"], "head_classes": data.split["head"]}
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(shared,)) as pool:
+        losses = {loss: macro["val"]["all"]["auroc"] for _, _, loss, macro in
+                  pool.map(_run, ["probe"] * len(LOSSES), [args.seeds[0]] * len(LOSSES), LOSSES)}
+        loss = max(losses, key=lambda name: losses[name] if losses[name] is not None else -math.inf)
+        print(f"loss chosen on fold 9 (probe, seed {args.seeds[0]}): {loss} {losses}", flush=True)
+        runs = [(variant, seed) for variant in ("pretrained", "scratch", "probe") for seed in args.seeds]
+        done = list(pool.map(_run, *zip(*runs), [loss] * len(runs)))
+    results = {variant: [macro["test"] for v, _, _, macro in done if v == variant] for variant in VARIANTS}
+    out: dict = {"n_records": args.n, "level": args.level, "seeds": args.seeds, "epochs": args.epochs,
+                 "loss": loss, "loss_fold9": losses, "tail_classes": data.split["tail"],
+                 "head_classes": data.split["head"]}
     for variant, runs in results.items():
         for part in ("head", "tail"):
             values = [r[part]["auroc"] for r in runs if r[part]["auroc"] is not None]

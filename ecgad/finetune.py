@@ -184,6 +184,16 @@ def finetune_local(data: LabelledData, pretrained: str | Path, out_dir: str | Pa
     return summary
 
 
+def probe_feature_folds(data: LabelledData, pretrained: str | Path, batch_size: int = 32) -> dict[str, FeatureFold]:
+    """The cached features of a linear probe on the detector at ``pretrained`` (``probe_features`` of
+    `finetune_local`), computed ahead, e.g. once for several processes."""
+    detector = load_checkpoint(pretrained)
+    net = build_network(HeadConfig(len(data.classes), detector.model_config.hidden, detector.model_config.n_leads),
+                        detector.model, "pretrained", freeze_encoders=True)
+    return {name: FeatureFold(fold, net, batch_size)
+            for name, fold in (("train", data.train), ("val", data.val), ("test", data.test))}
+
+
 def describe(level: str, classes: Sequence[str], thresholds: np.ndarray, split: dict[str, Any], *, init: str,
              loss: str, detector: Checkpoint, selection: dict[str, Any]) -> dict[str, Any]:
     """The ``diagnosis`` entry of a checkpoint (`ecgad.diagnosis.save_diagnosis_checkpoint` adds the network's)."""
