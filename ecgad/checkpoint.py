@@ -5,6 +5,10 @@ Layout::
     <dir>/weights.pt     the model's state_dict (CPU tensors), loaded with ``torch.load(weights_only=True)``
     <dir>/config.json    model_config, prep_config, threshold (null when unknown), threshold_quantile, git_commit,
                          created, ecgad_version, weights_sha256, format_version, metadata (training history, ...)
+    <dir>/diagnosis.pt   only in a diagnosis checkpoint: the state_dict of the diagnosis network (its own, fine-tuned
+                         copy of the encoders, and the multi-label head); config.json then has a ``diagnosis`` entry
+                         (classes, thresholds, head config, diagnosis_sha256; `ecgad.diagnosis`). weights.pt stays the
+                         anomaly detector it was fine-tuned from, so scores and maps keep their calibrated threshold
 
 Why a directory of plain files rather than one pickle: ``weights_only`` loading cannot execute code from a
 checkpoint someone hands us, and ``config.json`` can be read (and diffed) without torch. The weights' SHA-256 is
@@ -61,6 +65,7 @@ from ecgad.storage import (StorageError, cache_dir, is_file, is_uri, join, norma
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
+DIAGNOSIS_FILE = "diagnosis.pt"
 FORMAT_VERSION = 1
 #: The folder of a run directory that holds its published versions, and the pointer at the current one.
 MODELS_DIR = "models"
@@ -88,6 +93,7 @@ class Checkpoint:
     path: Path | str                      # a local directory, or the URI it was loaded from
     metadata: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None   # `ecgad.drift.Calibration.to_dict` of the threshold's scores
+    diagnosis: dict[str, Any] | None = None  # the diagnosis network's entry (`ecgad.diagnosis`), None for a detector
 
 
 def git_commit() -> str:
@@ -125,11 +131,14 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config: MCFConfig,
                     prep_config: PrepConfig, threshold: float, *, metadata: dict[str, Any] | None = None,
-                    threshold_quantile: float | None = 0.95, calibration: dict[str, Any] | None = None) -> Path:
+                    threshold_quantile: float | None = 0.95, calibration: dict[str, Any] | None = None,
+                    network: torch.nn.Module | None = None, diagnosis: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (its weights moved to CPU) and its configs to ``directory``, atomically; returns the path.
 
     ``calibration`` (`ecgad.drift.Calibration.to_dict`): the score distribution the threshold was set on, which a
     service compares its recent scores with (drift); not part of the model version.
+    ``network`` and ``diagnosis`` (together): a diagnosis network and its description (`ecgad.diagnosis`), stored as
+    `DIAGNOSIS_FILE` and the ``diagnosis`` entry; the detector files stay as they are, so the checkpoint still scores.
 
     An existing checkpoint at ``directory`` is replaced whole. ``threshold`` may be NaN (not calibrated yet); it is
     stored as ``null`` because JSON has no NaN.
@@ -154,6 +163,10 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, model_config:
             "metadata": metadata or {},
             "calibration": calibration,
         }
+        if network is not None:
+            torch.save({k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()},
+                       tmp / DIAGNOSIS_FILE)
+            config["diagnosis"] = {**(diagnosis or {}), "diagnosis_sha256": _sha256(tmp / DIAGNOSIS_FILE)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_to_json, allow_nan=False) + "\n")
         replace_directory(tmp, directory)
     except BaseException:
@@ -166,7 +179,10 @@ def model_version_of(config: dict[str, Any]) -> str:
     """The version of the checkpoint whose ``config.json`` is ``config``: ``<weights sha256[:12]>-<sha256 of the
     VERSIONED_FIELDS as canonical JSON[:12]>``. The first part shows at a glance which versions share weights (the
     same model with another threshold); the second tells those apart."""
-    content = json.dumps({name: config.get(name) for name in VERSIONED_FIELDS}, sort_keys=True,
+    versioned = {name: config.get(name) for name in VERSIONED_FIELDS}
+    if config.get("diagnosis") is not None:   # a detector's version is unchanged by the field's existence
+        versioned["diagnosis"] = config["diagnosis"]
+    content = json.dumps(versioned, sort_keys=True,
                          separators=(",", ":"), allow_nan=False)
     return f"{str(config.get('weights_sha256'))[:12]}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
 
@@ -206,12 +222,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _store_version(source: Path, models: Path) -> Checkpoint:
     """Copy the checkpoint files of ``source`` to ``models/<version>/`` unless that version is there already;
     returns the stored checkpoint, loaded back (its hash checked)."""
-    version = load_checkpoint(source).model_version   # checks the weights against their hash before copying
-    target = models / version
+    checkpoint = load_checkpoint(source)   # checks the weights against their hash before copying
+    target = models / checkpoint.model_version
     if not target.is_dir():
         tmp = temporary_directory(target)
         try:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
+            for name in checkpoint_files({"diagnosis": checkpoint.diagnosis}):
                 shutil.copy2(source / name, tmp / name)
             publish_directory(tmp, target)
         except BaseException:
@@ -305,6 +321,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
                                                            if len(problems) > 20 else ""))
     model.load_state_dict(state)
     model.to(torch.device(device or "cpu")).eval()
+    diagnosis = config.get("diagnosis")
+    if diagnosis is not None and (not (directory / DIAGNOSIS_FILE).is_file()
+                                  or _sha256(directory / DIAGNOSIS_FILE) != diagnosis.get("diagnosis_sha256")):
+        raise CheckpointError(f"{directory / DIAGNOSIS_FILE} is missing or does not match the hash recorded in {CONFIG_FILE}")
 
     threshold = config.get("threshold")
     commit = str(config.get("git_commit", "unknown"))
@@ -314,10 +334,22 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = "
         threshold_quantile=config.get("threshold_quantile"),
         model_version=model_version_of(config), git_commit=commit,
         created=str(config.get("created", "")), path=directory.resolve(), metadata=config.get("metadata", {}),
-        calibration=config.get("calibration"))
+        calibration=config.get("calibration"), diagnosis=diagnosis)
 
 
 # -- on object storage (module docstring) ----------------------------------------------------------------------
+
+def local_directory(directory: str | Path) -> Path:
+    """Where the files of the checkpoint at ``directory`` are on this machine: the folder itself, or for a URI its
+    local copy (downloaded once, under its version)."""
+    return _local_copy(_resolve_remote(normalize(directory))) if is_uri(directory) else Path(directory)
+
+
+def checkpoint_files(config: dict[str, Any]) -> tuple[str, ...]:
+    """The files of the checkpoint whose ``config.json`` is ``config``, ``config.json`` last (what a copy writes
+    last is what makes it a checkpoint)."""
+    return (WEIGHTS_FILE, *((DIAGNOSIS_FILE,) if config.get("diagnosis") is not None else ()), CONFIG_FILE)
+
 
 def _remote_config(uri: str) -> dict[str, Any]:
     try:
@@ -338,11 +370,12 @@ def _resolve_remote(uri: str) -> str:
 
 def _local_copy(uri: str) -> Path:
     """The local copy of the checkpoint at ``uri``, downloaded once into the cache, under its version."""
-    local = cache_dir() / "checkpoints" / model_version_of(_remote_config(uri))
+    config = _remote_config(uri)
+    local = cache_dir() / "checkpoints" / model_version_of(config)
     if not (local / CONFIG_FILE).is_file():
         tmp = temporary_directory(local)
         try:
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
+            for name in checkpoint_files(config):
                 (tmp / name).write_bytes(read_bytes(join(uri, name)))
             publish_directory(tmp, local)
         except StorageError as err:
@@ -357,10 +390,10 @@ def _local_copy(uri: str) -> Path:
 def _publish_remote(source: Path, run_uri: str, pointer: str) -> Checkpoint:
     """`publish_checkpoint` to a run folder on object storage: the version's files uploaded once (``config.json``
     last), then the pointer file."""
-    version = load_checkpoint(source).model_version   # checks the weights against their hash before uploading
-    target = join(run_uri, MODELS_DIR, version)
+    checkpoint = load_checkpoint(source)   # checks the weights against their hash before uploading
+    target = join(run_uri, MODELS_DIR, checkpoint.model_version)
     if not is_file(join(target, CONFIG_FILE)):
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        for name in checkpoint_files({"diagnosis": checkpoint.diagnosis}):
             put(join(target, name), (source / name).read_bytes())
     put(join(run_uri, pointer), f"{MODELS_DIR}/{version}\n".encode())
     return load_checkpoint(target)

@@ -37,7 +37,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from ecgad.synth_dataset import write_dataset
 
     root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction,
-                         source=args.source)
+                         source=args.source, long_tail=args.long_tail)
     print(f"wrote {args.n} synthetic records ({args.source}) in PTB-XL layout to {root}")
     return 0
 
@@ -169,6 +169,45 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# -- ecgad diagnose ---------------------------------------------------------------------------------------------
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from ecgad.checkpoint import resolve_checkpoint
+    from ecgad.diagnose import Diagnoser
+    from ecgad.io import read_record
+    from ecgad.types import Rejection
+    from ecgad.validate import validate
+
+    diagnoser = Diagnoser(resolve_checkpoint(args.checkpoint), device=args.device, mode=args.mode)
+    print(f"ecgad diagnose: model version {diagnoser.model_version}, {diagnoser.level} labels "
+          f"({len(diagnoser.classes)} classes)", file=sys.stderr)
+    failures = 0
+    for path in (Path(p) for p in args.paths):
+        try:
+            (outcome,) = diagnoser.diagnose_records([validate(read_record(path))], with_maps=args.json)
+        except Rejection as rejection:
+            outcome = rejection
+        if isinstance(outcome, Rejection):
+            failures += 1
+            _report_rejection(path, outcome.reason, outcome.message)
+            if args.json:
+                _print_json({"path": str(path), "status": "rejected", "reason": outcome.reason})
+            continue
+        scores, diagnosis = outcome
+        if args.json:
+            _print_json({"path": str(path), "status": "ok", **diagnosis.to_dict(),
+                         "pred_score": float(scores.pred_score), "pred_label": bool(scores.pred_label),
+                         "threshold": float(scores.threshold) if math.isfinite(scores.threshold) else None,
+                         "anomaly_map": scores.anomaly_map.round(6).tolist(),
+                         "model_version": diagnoser.model_version})
+        else:
+            top = sorted(diagnosis.probabilities.items(), key=lambda kv: -kv[1])[:5]
+            print(f"{path}\tlabels={','.join(diagnosis.labels) or '-'}\tscore={scores.pred_score:.6g}\t"
+                  f"{'anomalous' if scores.pred_label else 'normal'}\ttop: "
+                  + " ".join(f"{c}={v:.3f}" for c, v in top))
+    return 1 if failures else 0
+
+
 # -- ecgad export -----------------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -225,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomaly-fraction", type=float, default=0.3)
     p.add_argument("--source", choices=("simple", "deepfake"), default="simple",
                    help="simple: the built-in wave model; deepfake: DeepFake ECG GAN normals (realistic morphology)")
+    p.add_argument("--long-tail", action="store_true",
+                   help="anomaly kinds and combinations with power-law prevalence (the diagnosis benchmark)")
     p.set_defaults(handler=cmd_synth)
 
     p = sub.add_parser("inspect", help="read, validate and prepare one record; print what the model sees")
@@ -253,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write the 12-lead plot with the anomaly overlay (PNG or SVG)")
     p.add_argument("--maps", default=None, help="save each record's anomaly map as OUTDIR/<record>.npy")
     p.set_defaults(handler=cmd_score)
+
+    p = sub.add_parser("diagnose", help="diagnose records with a checkpoint that has a diagnosis head")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from jobs.finetune (e.g. RUNDIR/best)")
+    p.add_argument("--mode", choices=["full", "fast"], default="full", help="scoring mode of the anomaly verdict")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per record: labels, probabilities, anomaly score and map")
+    p.set_defaults(handler=cmd_diagnose)
 
     p = sub.add_parser("import-checkpoint", help="turn a published MCF checkpoint into an ecgad checkpoint dir")
     p.add_argument("published")

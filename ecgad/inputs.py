@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import posixpath
 from collections.abc import Iterable, Iterator
@@ -198,7 +199,8 @@ def list_inputs(root: str | Path, folds: list[int] | None = None) -> pa.Table:
         }
         for name in INPUT_SCHEMA.names[2:]:
             if name in index.columns:
-                columns[name] = [None if isinstance(v, float) and math.isnan(v) else v for v in index[name].tolist()]
+                columns[name] = [None if isinstance(v, float) and math.isnan(v) else json.dumps(v) if isinstance(v, dict)
+                                 else v for v in index[name].tolist()]
     else:
         if folds is not None:
             raise InputError(f"{root} is not a PTB-XL root (no ptbxl_database.csv): it has no folds to select")

@@ -15,6 +15,7 @@ always holds whole chunks (why that matters: `ecgad.ray.archive`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,8 @@ RESULT_SCHEMA = pa.schema([
     ("beats_used", pa.int32()),
     ("windows_scored", pa.int32()),
     ("model_version", pa.string()),
+    ("diagnosis_labels", pa.list_(pa.string())),   # --diagnose: the positive labels at the fold-9 thresholds
+    ("diagnosis_probabilities", pa.string()),      # --diagnose: {class: probability} as JSON
 ])
 
 
@@ -64,9 +67,11 @@ SCORED_CHUNK_SCHEMA = pa.schema([("chunk", pa.string()), ("results", pa.large_bi
                                  ("maps", pa.large_binary())])
 
 
-def result_row(row: dict[str, Any], outcome: Scores | BaseException | None, model_version: str) -> dict[str, Any]:
+def result_row(row: dict[str, Any], outcome: Scores | BaseException | None, model_version: str,
+               diagnosis: Any = None) -> dict[str, Any]:
     """The result of a prepared row (`ecgad.rows.prepare_path`): its scores, the failure that took their place
-    (`ecgad.rows.failure_fields`), or, for a row never scored (``outcome`` None: a status row), its own status."""
+    (`ecgad.rows.failure_fields`), or, for a row never scored (``outcome`` None: a status row), its own status;
+    with its `ecgad.diagnose.Diagnosis` when the archive is diagnosed."""
     result = {"record_id": row["record_id"], "path": row["path"], "status": row["status"], "reason": row["reason"],
               "pred_score": None, "pred_label": None, "beats_used": None, "windows_scored": None,
               "model_version": model_version}
@@ -75,6 +80,9 @@ def result_row(row: dict[str, Any], outcome: Scores | BaseException | None, mode
     elif outcome is not None:
         result.update(pred_score=float(outcome.pred_score), pred_label=bool(outcome.pred_label),
                       beats_used=int(outcome.beats_used), windows_scored=int(outcome.windows_scored))
+    if diagnosis is not None:
+        result.update(diagnosis_labels=list(diagnosis.labels),
+                      diagnosis_probabilities=json.dumps(diagnosis.probabilities))
     return result
 
 

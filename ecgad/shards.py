@@ -5,6 +5,8 @@ Layout of a shards directory::
     records/*.parquet     one row per input record: the `ecgad.rows` columns (ok rows and status rows alike) plus the
                           index columns below; Ray Data writes one file per block
     rejections.parquet    record_id, path, reason and index columns of every input that was not prepared
+    scp_statements.csv    a PTB-XL root's statements table, copied so the diagnosis targets (`ecgad.labels`) can be
+                          derived from the shards alone
     _SUCCESS.json         the manifest, written last: what was prepared from what (fingerprint), counts by fold,
                           label and rejection reason. A directory without it is not a shards directory.
 
@@ -35,11 +37,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from ecgad.config import PrepConfig
+from ecgad.labels import LEVELS, STATEMENTS_FILE, parse_codes, read_statements, vocabulary
 from ecgad.ptbxl import TRAIN_FOLDS
-from ecgad.storage import filesystem, join, read_text
+from ecgad.storage import filesystem, is_file, join, read_text
 
 #: Bumped whenever the shard columns or their meaning change; a manifest with another version is rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Storage dtype of the signal payload (see the module docstring for why float32).
 STORAGE_DTYPE = "float32"
@@ -67,7 +70,7 @@ ROW_FIELDS = [
 
 #: Where a record came from and what it is: PTB-XL's columns where the input is a PTB-XL root (real or synthetic),
 #: nulls for a plain folder of ECG files. ``mask_path`` (synthetic data: per-point ground truth) is relative to the
-#: data root.
+#: data root. ``scp_codes`` (statement -> likelihood, as JSON) are the diagnosis targets (`ecgad.labels`).
 INDEX_FIELDS = [
     ("path", pa.string()),
     ("ecg_id", pa.int64()),
@@ -76,6 +79,7 @@ INDEX_FIELDS = [
     ("label", pa.string()),
     ("is_normal", pa.bool_()),
     ("mask_path", pa.string()),
+    ("scp_codes", pa.string()),
 ]
 
 ROW_SCHEMA = pa.schema(ROW_FIELDS)
@@ -101,6 +105,10 @@ class ShardLayout:
     @property
     def rejections(self) -> Path | str:
         return join(self.root, "rejections.parquet")
+
+    @property
+    def statements(self) -> Path | str:
+        return join(self.root, STATEMENTS_FILE)
 
     @property
     def manifest(self) -> Path | str:
@@ -174,6 +182,19 @@ def summarize(records_dir: Path | str) -> tuple[dict[str, Any], pa.Table]:
     }
     mask = np.array([s != "ok" for s in status], dtype=bool)
     return counts, small.filter(pa.array(mask))
+
+
+def label_summary(layout: ShardLayout) -> dict[str, Any]:
+    """The classes each label level has in the prepared records (`ecgad.labels.vocabulary`), for the manifest;
+    empty when the shards carry no statements table (a plain folder of ECG files has no labels)."""
+    if not is_file(layout.statements):
+        return {}
+    fs, path = filesystem(layout.records)
+    table = pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=["status", "scp_codes"])
+    codes = [parse_codes(c) for s, c in zip(table.column("status").to_pylist(), table.column("scp_codes").to_pylist())
+             if s == "ok"]
+    statements = read_statements(layout.statements)
+    return {"statements": STATEMENTS_FILE, "classes": {level: vocabulary(codes, statements, level) for level in LEVELS}}
 
 
 # -- what training takes from a row ------------------------------------------------------------------------------

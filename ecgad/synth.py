@@ -435,15 +435,37 @@ def _render(waves: list[Wave], n: int, fs: float) -> np.ndarray:
     return out
 
 
+def _combined(sinus: _Sinus, kinds: list[str], rng: np.random.Generator) -> _Change:
+    """Several anomalies in one record, each applied to the beats the previous one left, their additive signals
+    summed; ``details`` holds each kind's own. Order matters where one replaces beats another reshapes: a PVC is
+    applied last among the beat changes, since its ectopic beat has no Q, R, S for a later change to move."""
+    change = _Change(sinus.beats, details={})
+    for kind in kinds:
+        step = _ANOMALIES[kind](replace(sinus, beats=change.beats), rng)
+        masks = [m for m in (change.additive_mask, step.additive_mask) if m is not None]
+        change = _Change(step.beats,
+                         additive=step.additive if change.additive is None else
+                         change.additive if step.additive is None else change.additive + step.additive,
+                         additive_mask=np.logical_or.reduce(masks) if masks else None,
+                         whole_record=change.whole_record or step.whole_record,
+                         details={**change.details, kind: step.details})
+    return change
+
+
 def generate_ecg(seed: int, anomaly: str | None = None, fs: float = MODEL_FS, duration_s: float = 10.0) -> SynthECG:
-    """One synthetic 12-lead ECG; the same ``seed`` with and without ``anomaly`` gives twins (module docstring)."""
-    if anomaly is not None and anomaly not in _ANOMALIES:
-        raise ValueError(f"unknown anomaly {anomaly!r}; known: {ANOMALY_TYPES}")
+    """One synthetic 12-lead ECG; the same ``seed`` with and without ``anomaly`` gives twins (module docstring).
+
+    ``anomaly`` may combine kinds with ``+`` (``"st_elevation+pvc"``, applied in that order; `_combined`), the
+    details then keyed by kind."""
+    kinds = anomaly.split("+") if anomaly else []
+    if any(kind not in _ANOMALIES for kind in kinds):
+        raise ValueError(f"unknown anomaly {anomaly!r}; known: {ANOMALY_TYPES} (combined with '+')")
     n = int(round(duration_s * fs))
     main_ss, anomaly_ss = np.random.SeedSequence(seed).spawn(2)
     sinus = _draw_sinus(np.random.default_rng(main_ss), fs, n)
-    change = (_Change(sinus.beats) if anomaly is None
-              else _ANOMALIES[anomaly](sinus, np.random.default_rng(anomaly_ss)))
+    rng = np.random.default_rng(anomaly_ss)
+    change = (_Change(sinus.beats) if not kinds else _ANOMALIES[kinds[0]](sinus, rng) if len(kinds) == 1
+              else _combined(sinus, kinds, rng))
 
     waves = [w for b in change.beats for w in b.waves.values()]
     x8 = _render(waves, n, fs) + sinus.background

@@ -74,10 +74,9 @@ _MI_BY_GROUP = {"inferior": "IMI", "anterior": "AMI", "lateral": "LMI"}
 _ISCHEMIA_BY_GROUP = {"inferior": "ISCIN", "anterior": "ISCAN", "lateral": "ISCLA"}
 
 
-def scp_codes(ecg: SynthECG) -> dict[str, float]:
-    """PTB-XL ``scp_codes`` (statement -> likelihood) for a synthetic ECG (module docstring says why these)."""
-    d = ecg.details
-    codes = {
+def _kind_codes(kind: str | None, d: dict) -> dict[str, float]:
+    """The statements of one anomaly kind with its drawn details ``d`` (module docstring says why these)."""
+    return {
         None: lambda: {"NORM": 100.0},
         "st_elevation": lambda: {_MI_BY_GROUP[d["group"]]: 100.0, "STE_": 100.0},
         "st_depression": lambda: {_ISCHEMIA_BY_GROUP[d["group"]]: 100.0, "STD_": 100.0},
@@ -86,8 +85,21 @@ def scp_codes(ecg: SynthECG) -> dict[str, float]:
         "pvc": lambda: {"PVC": 100.0},
         "af": lambda: {"AFIB": 100.0},
         "noise_burst": lambda: {},
-    }[ecg.anomaly]()
-    return codes if ecg.anomaly == "af" else {**codes, "SR": 0.0}
+    }[kind]()
+
+
+def _kinds(ecg: SynthECG) -> list[tuple[str | None, dict]]:
+    """``(kind, its details)`` of each anomaly of ``ecg`` (one ``(None, details)`` for a clean record)."""
+    kinds = ecg.anomaly.split("+") if ecg.anomaly else [None]
+    return [(kind, ecg.details if len(kinds) == 1 else ecg.details[kind]) for kind in kinds]
+
+
+def scp_codes(ecg: SynthECG) -> dict[str, float]:
+    """PTB-XL ``scp_codes`` (statement -> likelihood) for a synthetic ECG: every one of its kinds' statements, and
+    sinus rhythm unless one of them is atrial fibrillation."""
+    kinds = _kinds(ecg)
+    codes = {code: value for kind, d in kinds for code, value in _kind_codes(kind, d).items()}
+    return codes if any(kind == "af" for kind, _ in kinds) else {**codes, "SR": 0.0}
 
 
 def diagnostic_superclasses(codes: dict[str, float], statements: pd.DataFrame) -> set[str]:
@@ -97,8 +109,8 @@ def diagnostic_superclasses(codes: dict[str, float], statements: pd.DataFrame) -
 
 
 def _anomaly_detail(ecg: SynthECG) -> str:
-    d = ecg.details
-    return str(d.get("group") or d.get("variant") or d.get("origin") or "-".join(d.get("leads", [])))
+    return "+".join(str(d.get("group") or d.get("variant") or d.get("origin") or "-".join(d.get("leads", [])))
+                    for _, d in _kinds(ecg))
 
 
 def _record_path(rate_dir: str, ecg_id: int, suffix: str) -> str:
@@ -122,21 +134,49 @@ def _assignments(n: int, anomaly_fraction: float, anomaly_types: tuple[str, ...]
     anomalies: list[str | None] = [anomaly_types[i % len(anomaly_types)] for i in range(n_anomalous)]
     anomalies += [None] * (n - n_anomalous)
     anomalies = [anomalies[i] for i in rng.permutation(n)]
-    folds = [0] * n
-    for is_anomalous in (False, True):
-        members = [i for i, a in enumerate(anomalies) if (a is not None) == is_anomalous]
-        for j, i in enumerate(members):
+    return anomalies, _folds([a is not None for a in anomalies])
+
+
+def _folds(groups: list) -> list[int]:
+    """A fold per record: FOLD_ORDER cycled over the members of each group separately (stratified folds)."""
+    folds = [0] * len(groups)
+    for group in dict.fromkeys(groups):
+        for j, i in enumerate(i for i, g in enumerate(groups) if g == group):
             folds[i] = FOLD_ORDER[j % len(FOLD_ORDER)]
-    return anomalies, folds
+    return folds
+
+
+#: The long-tail mix: anomaly kinds and combinations, most to least common; the r-th (from 1) makes up a share
+#: of the anomalous records proportional to ``r ** -LONG_TAIL_EXPONENT`` (a power law). Noise bursts are left out:
+#: an artefact is not a diagnosis.
+LONG_TAIL_KINDS = ("st_depression", "t_inversion", "wide_qrs", "st_elevation", "pvc", "af", "st_elevation+pvc",
+                   "wide_qrs+pvc", "af+st_depression")
+LONG_TAIL_EXPONENT = 2.0
+
+
+def long_tail_assignments(n: int, anomaly_fraction: float, rng: np.random.Generator
+                          ) -> tuple[list[str | None], list[int]]:
+    """Anomalies with power-law prevalence (`LONG_TAIL_KINDS`; every kind at least once) and folds stratified by
+    kind, so the rarest kinds reach the test (10) and validation (9) folds first."""
+    weights = np.arange(1, len(LONG_TAIL_KINDS) + 1, dtype=np.float64) ** -LONG_TAIL_EXPONENT
+    counts = np.maximum(1, np.round(n * anomaly_fraction * weights / weights.sum()).astype(int))
+    anomalies: list[str | None] = [k for k, c in zip(LONG_TAIL_KINDS, counts) for _ in range(c)]
+    if len(anomalies) > n:
+        raise ValueError(f"{n} records cannot hold every long-tail kind at the fraction {anomaly_fraction}")
+    anomalies += [None] * (n - len(anomalies))
+    anomalies = [anomalies[i] for i in rng.permutation(n)]
+    return anomalies, _folds(anomalies)
 
 
 def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: float = 0.3,
                   anomaly_types: tuple[str, ...] = ANOMALY_TYPES, lowres: bool = False,
-                  source: str = "simple") -> Path:
+                  source: str = "simple", long_tail: bool = False) -> Path:
     """Write ``n`` synthetic 10 s 12-lead ECGs as a PTB-XL root at ``out`` (module docstring); returns ``out``.
 
     A fraction ``anomaly_fraction`` of the records (rounded) carries one anomaly each, the types in
-    ``anomaly_types`` taking turns; ``lowres`` also writes the 100 Hz files. Deterministic in ``seed``.
+    ``anomaly_types`` taking turns; ``lowres`` also writes the 100 Hz files. ``long_tail``: the anomalies follow
+    `long_tail_assignments` instead (kinds and combinations with power-law prevalence, for the diagnosis
+    benchmark; ``anomaly_types`` is not used). Deterministic in ``seed``.
     ``source`` draws the ECGs: ``"simple"`` the wave model of `ecgad.synth`, ``"deepfake"`` DeepFake ECG normals
     (`ecgad.deepfake`) with the anomalies inserted by `ecgad.inject`.
     """
@@ -153,7 +193,8 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
     statements = pd.read_csv(io.StringIO(SCP_STATEMENTS_CSV), index_col=0)
 
     layout = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    anomalies, folds = _assignments(n, anomaly_fraction, tuple(anomaly_types), layout)
+    anomalies, folds = (long_tail_assignments(n, anomaly_fraction, layout) if long_tail
+                        else _assignments(n, anomaly_fraction, tuple(anomaly_types), layout))
     record_seeds = [int(np.random.SeedSequence([seed, i + 1]).generate_state(1)[0]) for i in range(n)]
     ecgs = (deepfake_ecgs(record_seeds, anomalies) if source == "deepfake"
             else (generate_ecg(s, a, fs=FS_HR) for s, a in zip(record_seeds, anomalies)))
@@ -174,7 +215,7 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, anomaly_fraction: floa
             "sex": int(layout.integers(0, 2)), "report": f"synthetic ecg: {anomaly or 'normal'}",
             "scp_codes": str(codes),
             "burst_noise": "-".join(ecg.details["leads"]) if anomaly == "noise_burst" else "",
-            "extra_beats": "VES" if anomaly == "pvc" else "",
+            "extra_beats": "VES" if "pvc" in (anomaly or "").split("+") else "",
             "strat_fold": fold, "filename_lr": lr, "filename_hr": hr,
             "anomaly": anomaly or "none", "anomaly_detail": _anomaly_detail(ecg) if anomaly else "",
             "mask_path": mask_path, "synth_seed": record_seed,

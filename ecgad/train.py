@@ -295,19 +295,14 @@ def _windows(prepared: Sequence[Prepared]) -> tuple[np.ndarray, list[np.ndarray]
     return np.stack([w.global_input for w in windows]).astype(np.float32), [w.beats for w in windows]
 
 
-def load_split(data_root: str | Path, prep_config: PrepConfig
-               ) -> tuple[list[Prepared], list[Prepared], np.ndarray, Counter]:
-    """Read and prepare the training normals (folds 1-8) and every fold-9 record of a PTB-XL root.
+def prepare_index_rows(data_root: str | Path, index: Any, prep_config: PrepConfig
+                       ) -> tuple[list[tuple[Any, Prepared]], Counter]:
+    """Read and prepare the records of ``index`` rows (a `load_ptbxl_index` frame) of a PTB-XL root, in order.
 
-    Returns ``(train, validation, validation labels (1 = abnormal), rejection reasons counted by code)``.
-    Records that cannot be read or prepared are skipped and counted: one bad file must not stop a training run.
-    Fold 10 (test) is not read at all.
+    Returns ``([(row, prepared), ...], rejection reasons counted by code)``. Records that cannot be read or prepared
+    are skipped and counted: one bad file must not stop a training run.
     """
-    index = load_ptbxl_index(data_root)
-    train_rows = index["strat_fold"].isin(TRAIN_FOLDS) & index["is_normal"]
-    index = index[train_rows | (index["strat_fold"] == VALIDATION_FOLD)]
-    train, val, val_labels = [], [], []
-    rejections: Counter = Counter()
+    out, rejections = [], Counter()
     for i, (_, row) in enumerate(index.iterrows(), 1):
         try:
             record = read_ptbxl_record(data_root, row)
@@ -316,13 +311,30 @@ def load_split(data_root: str | Path, prep_config: PrepConfig
             rejections[rejection.code] += 1
             continue
         prepared.metadata.update(record.metadata)
-        if row["strat_fold"] == VALIDATION_FOLD:
-            val.append(prepared)
-            val_labels.append(0 if row["is_normal"] else 1)
-        else:
-            train.append(prepared)
+        out.append((row, prepared))
         if i % 1000 == 0:
             logger.info("prepared %d/%d records", i, len(index))
+    return out, rejections
+
+
+def load_split(data_root: str | Path, prep_config: PrepConfig
+               ) -> tuple[list[Prepared], list[Prepared], np.ndarray, Counter]:
+    """Read and prepare the training normals (folds 1-8) and every fold-9 record of a PTB-XL root.
+
+    Returns ``(train, validation, validation labels (1 = abnormal), rejection reasons counted by code)``
+    (`prepare_index_rows`). Fold 10 (test) is not read at all.
+    """
+    index = load_ptbxl_index(data_root)
+    train_rows = index["strat_fold"].isin(TRAIN_FOLDS) & index["is_normal"]
+    prepared, rejections = prepare_index_rows(
+        data_root, index[train_rows | (index["strat_fold"] == VALIDATION_FOLD)], prep_config)
+    train, val, val_labels = [], [], []
+    for row, record in prepared:
+        if row["strat_fold"] == VALIDATION_FOLD:
+            val.append(record)
+            val_labels.append(0 if row["is_normal"] else 1)
+        else:
+            train.append(record)
     return train, val, np.asarray(val_labels, dtype=np.int8), rejections
 
 

@@ -19,6 +19,11 @@ validated and prepared in CPU tasks, scored by an actor pool (each actor loads t
 Every path may be a URI (``s3://bucket/eval/mcf``; `ecgad.storage`): each output file is then one upload. On a
 cluster of several nodes a local path must be shared storage, checked from every node before scoring starts.
 
+When the checkpoint has a diagnosis head (``jobs.finetune``), metrics.json also has ``diagnosis``: per class AUROC,
+AUPRC, and sensitivity and specificity at the thresholds set on fold 9, and the macro AUROC over all, head and tail
+classes with bootstrap 95 % CIs (`ecgad.diagnosis.diagnosis_metrics`), over the fold's prepared records that carry a
+class at the checkpoint's label level; the network runs in this process (`ecgad.diagnose.Diagnoser`).
+
 The last line on stdout is metrics.json as one JSON object. Exit codes: 0 done, 2 bad usage.
 """
 
@@ -122,6 +127,27 @@ def _load_mask(root: Path | str, mask_path: str) -> np.ndarray:
     return np.load(io.BytesIO(read_bytes(join(root, mask_path))))
 
 
+def diagnosis_section(checkpoint: Path | str, root: Path | str, ok: list[dict[str, Any]],
+                      n_boot: int) -> dict[str, Any]:
+    """Diagnosis metrics of the checkpoint's head over the scored records ``ok`` that carry a class at its level."""
+    from ecgad.diagnose import Diagnoser
+    from ecgad.diagnosis import diagnosis_metrics
+    from ecgad.labels import level_classes, multi_hot, parse_codes, read_statements
+
+    diagnoser = Diagnoser(checkpoint)
+    statements = read_statements(root)
+    codes = [parse_codes(r["scp_codes"]) for r in ok]
+    labelled = [(r, c) for r, c in zip(ok, codes) if level_classes(c, statements, diagnoser.level)]
+    prepared = [prepare(validate(read_file(r["path"])), diagnoser.scorer.prep_config) for r, _ in labelled]
+    targets = multi_hot([c for _, c in labelled], statements, diagnoser.level, diagnoser.classes)
+    probs = diagnoser.probabilities(prepared) if prepared else np.zeros((0, len(diagnoser.classes)))
+    entry = diagnoser.checkpoint.diagnosis
+    metrics = diagnosis_metrics(targets, probs, diagnoser.thresholds, diagnoser.classes, entry["split"],
+                                n_boot=n_boot)
+    return {"level": entry["level"], "init": entry.get("init"), "freeze_encoders": entry.get("freeze_encoders"),
+            "thresholds_from": entry.get("threshold_rule"), **metrics}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root, out = location(args.data), location(args.out)
@@ -183,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = evaluate_scores(labels, scores, loaded.threshold, maps=maps if with_maps and maps else None,
                               masks=masks if with_maps and maps else None, n_boot=args.n_boot)
 
+    if loaded.diagnosis is not None:
+        metrics["diagnosis"] = diagnosis_section(checkpoint, root, ok, args.n_boot)
     plot_roc(labels, scores, metrics["record_auroc"]["value"], join(out, "roc.png"))
     plots = plot_extremes(ok, args.plots, checkpoint, args.mode, join(out, "maps")) if ok else []
     columns = ["record_id", "label", "status", "reason", "pred_score", "pred_label"]

@@ -7,7 +7,9 @@ ROOT is a PTB-XL root (real, or synthetic from ``ecgad.synth_dataset``; folds an
 folder of ECG files (no folds or labels: preparable, not trainable). Records are listed on the driver, then read,
 validated and prepared in parallel Ray tasks (`ecgad.ray.data.prepare_shard_rows`) and written by Ray Data; Ray Data's
 progress bars show the stages. Rejected records are rows too, and are listed with their reasons in
-``SHARDS/rejections.parquet``.
+``SHARDS/rejections.parquet``. Every record of a PTB-XL root keeps its ``scp_codes``, the root's
+``scp_statements.csv`` is copied along and the manifest lists each label level's classes (``labels``), so
+``jobs.finetune`` can derive the diagnosis targets (`ecgad.labels`) from the shards alone.
 
 ROOT and SHARDS may be URIs (``s3://bucket/ptbxl``; `ecgad.storage`). On a cluster of several nodes, a local path must
 be shared storage mounted at the same path on every node; it is checked from every node before anything runs.
@@ -32,12 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from ecgad.atomic import replace_directory, temporary_directory, write_json, write_parquet
+from ecgad.atomic import replace_directory, temporary_directory, write_bytes, write_json, write_parquet
 from ecgad.config import PrepConfig
 from ecgad.inputs import list_inputs
 from ecgad.log import get_logger
-from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, summarize
-from ecgad.storage import delete_contents, for_ray, is_dir, is_uri, join, location
+from ecgad.labels import STATEMENTS_FILE
+from ecgad.shards import FORMAT_VERSION, STORAGE_DTYPE, ShardLayout, input_fingerprint, label_summary, summarize
+from ecgad.storage import delete_contents, for_ray, is_dir, is_file, is_uri, join, location, read_bytes
 
 log = get_logger("jobs.preprocess")  # not __name__, which is "__main__" under `python -m`
 
@@ -100,9 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
          .write_parquet(records_path, filesystem=records_fs, compression="zstd"))
         counts, rejections = summarize(ShardLayout(target).records)
         write_parquet(ShardLayout(target).rejections, rejections)
+        if is_file(join(root, STATEMENTS_FILE)):   # a PTB-XL root: the diagnosis targets' definitions travel along
+            write_bytes(ShardLayout(target).statements, read_bytes(join(root, STATEMENTS_FILE)))
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "data": str(root),
             "prep_config": cfg.to_dict(), "storage_dtype": STORAGE_DTYPE, "counts": counts,
+            "labels": label_summary(ShardLayout(target)),
             "git_commit": git_commit(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 3),
         }

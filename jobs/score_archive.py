@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="an ecgad checkpoint directory (RUNDIR/best is resolved once, at start, to its version)")
     parser.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
     parser.add_argument("--maps", action="store_true", help="also write anomaly maps (OUT/maps, zstd Parquet)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="with a checkpoint from jobs.finetune: add each record's labels and probabilities")
     parser.add_argument("--batch-size", type=int, default=32, help="records per model forward pass")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="records per committed output file: the unit of resumption")
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 chunk_size=args.chunk_size, num_scorers=args.num_scorers,
                                 min_scorers=args.min_scorers, use_gpu=args.use_gpu, mode=args.mode,
                                 scorer_cpus=args.scorer_cpus, scorer_threads=args.scorer_threads, default_fs=args.fs,
-                                fail_after_chunks=args.fail_after_chunks)
+                                fail_after_chunks=args.fail_after_chunks, diagnose=args.diagnose)
     except (ArchiveError, CheckpointError, InputError, SharedPathError) as err:
         print(f"score_archive: error: {err}", file=sys.stderr)
         return 2

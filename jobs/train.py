@@ -99,6 +99,22 @@ def cpu_shortage(num_workers: int, cpus_per_worker: float, cluster_cpus: float) 
             f"--cpus-per-worker (e.g. {max(0.1, (cluster_cpus - 1) / num_workers):.2g}) or --num-workers")
 
 
+def sized_workers(num_workers: int, requested: float | None) -> tuple[float, str | None, bool]:
+    """Join the Ray cluster (under ``ray job submit``, RAY_ADDRESS set) or start a local one, and size the workers:
+    ``(cpus_per_worker, why training would wait forever or None, whether the cluster is local)``. ``requested`` wins;
+    else `automatic_cpus_per_worker` on a local cluster, 1 on a running one (`cpu_shortage` says what is wrong)."""
+    import ray
+
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+    cpus_per_worker = requested
+    if cpus_per_worker is None:
+        cpus_per_worker = automatic_cpus_per_worker(num_workers, cluster_cpus) if local else 1.0
+    return cpus_per_worker, cpu_shortage(num_workers, cpus_per_worker, cluster_cpus), local
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -111,8 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.num_workers} workers", file=sys.stderr)
         return 2
 
-    import ray
-
     from ecgad.ray.paths import SharedPathError, require_shared
     from ecgad.ray.train import TrainSettings, fit
 
@@ -124,19 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         threshold_quantile=args.threshold_quantile, val_mode=args.val_mode, shuffle_buffer=args.shuffle_buffer,
         fail_at_epoch=args.fail_at_epoch,
         failure_marker=str(join(out, f".{args.name}.injected-failure")) if args.fail_at_epoch is not None else None)
-    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init()  # under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise starts a local one
+    cpus_per_worker, problem, local = sized_workers(args.num_workers, args.cpus_per_worker)
     try:
         require_shared(inputs=[args.data], outputs=[out, *([args.storage_path] if args.storage_path else [])])
     except SharedPathError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
-    cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-    cpus_per_worker = args.cpus_per_worker
-    if cpus_per_worker is None:
-        cpus_per_worker = automatic_cpus_per_worker(args.num_workers, cluster_cpus) if local else 1.0
-    problem = cpu_shortage(args.num_workers, cpus_per_worker, cluster_cpus)
     if problem and local:
         print(f"train: error: {problem}", file=sys.stderr)
         return 2

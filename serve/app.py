@@ -159,6 +159,11 @@ class ECGModel:
         logger.info("model replica: version %s from %s", self.checkpoint.model_version, self.checkpoint.path)
         self.scorer = Scorer(self.checkpoint.model, self.checkpoint.prep_config, self.checkpoint.threshold,
                              device=self.device, mode=mode, model_version=self.checkpoint.model_version)
+        self.diagnoser = None   # /v1/diagnose: only a checkpoint with a diagnosis head (jobs.finetune) has one
+        if self.checkpoint.diagnosis is not None:
+            from ecgad.diagnose import Diagnoser
+
+            self.diagnoser = Diagnoser(checkpoint, device=self.device, mode=mode)
         # Batches and health probes share one model; running them one at a time bounds memory (GPU above all).
         self._lock = threading.Lock()
         self._canned = prepare(canned_record(), self.scorer.prep_config)
@@ -174,8 +179,9 @@ class ECGModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._batching = BatchConfig.model_validate(user_config)
-        self._score_batch.set_max_batch_size(self._batching.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+        for batch in (self._score_batch, self._diagnose_batch):
+            batch.set_max_batch_size(self._batching.max_batch_size)
+            batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
 
     def _score_now(self, prepared: list[Prepared], with_maps: bool) -> list[Scores | Exception]:
         """Scores, or in its place the exception of a record the model failed on (`ecgad.scoring.score_isolated`:
@@ -187,10 +193,14 @@ class ECGModel:
     async def score(self, prepared: Prepared, with_map: bool) -> tuple[Scores | Exception, str]:
         """One record's outcome and the model version that produced it, scored in a batch with the records of
         concurrent requests (`_score_batch`); counted in the queue-depth gauge while it is here."""
+        return await self._queued(self._score_batch, prepared, with_map)
+
+    async def _queued(self, batch: Any, prepared: Prepared, with_map: bool) -> Any:
+        """``batch(prepared, with_map, arrival time)``, the record counted in the queue-depth gauge meanwhile."""
         self._waiting += 1
         self.metrics.queue_depth.set(self._waiting)
         try:
-            return await self._score_batch(prepared, with_map, time.monotonic())
+            return await batch(prepared, with_map, time.monotonic())
         finally:
             self._waiting -= 1
             self.metrics.queue_depth.set(self._waiting)
@@ -218,6 +228,31 @@ class ECGModel:
             reading = self.drift.reading()
             if reading is not None:
                 self.metrics.drift(reading)
+
+    def _diagnose_now(self, prepared: list[Prepared], with_maps: bool) -> list[tuple[Scores | Exception, Any]]:
+        """`_score_now`, and each scored record's diagnosis (`ecgad.diagnose.Diagnosis`) beside it."""
+        outcomes = self._score_now(prepared, with_maps)
+        scored = [p for p, o in zip(prepared, outcomes) if isinstance(o, Scores)]
+        with self._lock:
+            diagnoses = iter(self.diagnoser.diagnoses(scored))
+        return [(o, next(diagnoses) if isinstance(o, Scores) else None) for o in outcomes]
+
+    async def diagnose(self, prepared: Prepared, with_map: bool) -> tuple[Any, Any, str]:
+        """`score`, plus the record's diagnosis: ``(scores or exception, diagnosis, version)``; ``(None, None,
+        version)`` when the checkpoint has no diagnosis head."""
+        return await self._queued(self._diagnose_batch, prepared, with_map)
+
+    @serve.batch(max_batch_size=BatchConfig().max_batch_size,
+                 batch_wait_timeout_s=BatchConfig().batch_wait_timeout_s)
+    async def _diagnose_batch(self, prepared: list[Prepared], with_maps: list[bool],
+                              arrived: list[float]) -> list[tuple[Any, Any, str]]:
+        """`_score_batch`'s batch, each record with its diagnosis (its own batch queue on the same replica)."""
+        if self.diagnoser is None:
+            return [(None, None, self.scorer.model_version)] * len(prepared)
+        started = time.monotonic()
+        results = await asyncio.to_thread(self._diagnose_now, prepared, any(with_maps))
+        self._record([outcome for outcome, _ in results], [started - t for t in arrived], time.monotonic() - started)
+        return [(outcome, diagnosis, self.scorer.model_version) for outcome, diagnosis in results]
 
     def _probe(self) -> None:
         (result,) = self._score_now([self._canned], with_maps=True)
@@ -249,6 +284,8 @@ class ECGModel:
             "prep_config": checkpoint.prep_config.to_dict(),
             "metadata": checkpoint.metadata,
             "batching": self._batching.model_dump(),
+            "diagnosis": None if self.diagnoser is None else {"level": self.diagnoser.level,
+                                                               "classes": self.diagnoser.classes},
         }
 
 
@@ -440,14 +477,18 @@ class ECGIngress:
 
             return await slot.offload(functools.partial(bodies.typed_errors, parse_and_prepare))
 
-    async def _score(self, prepared: Prepared, with_map: bool) -> tuple[Scores, str]:
-        """The model's scores of one record; its `Rejection` or `ScoringFailed` is raised for this request only."""
+    async def _call_model(self, method: str, *args: Any) -> Any:
+        """One call of the model deployment's batched ``method``; capacity and replica failures as 503."""
         try:
-            outcome, model_version = await self.model.score.remote(prepared, with_map)
+            return await getattr(self.model, method).remote(*args)
         except BackPressureError as err:
             raise ServiceUnavailable(f"the model is at capacity: {err}") from None
         except (RayActorError, DeploymentUnavailableError) as err:
             raise ServiceUnavailable(f"the model replica is unavailable: {type(err).__name__}") from None
+
+    async def _score(self, prepared: Prepared, with_map: bool) -> tuple[Scores, str]:
+        """The model's scores of one record; its `Rejection` or `ScoringFailed` is raised for this request only."""
+        outcome, model_version = await self._call_model("score", prepared, with_map)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome, model_version
@@ -466,6 +507,26 @@ class ECGIngress:
 
         # Without a map the answer is a few hundred bytes: cheaper encoded here than via a work slot and a thread.
         text = encode() if step is None else await self.work.run(encode)
+        return Response(text, media_type=bodies.JSON_TYPE)
+
+    @app.post("/v1/diagnose", summary="Diagnose one ECG: SCP labels with probabilities, and the anomaly verdict",
+              dependencies=[Depends(require_token)], responses={200: {"model": ScoreResponse}, **_AUTH, **_ERRORS},
+              openapi_extra=_SCORE_BODY)
+    async def diagnose(self, request: Request, map_spec: str = _MapQuery, fs: str | None = _FsQuery,
+                       lead_names: str | None = _LeadsQuery, record_id: str = _IdQuery,
+                       x_ecg_fs: str | None = _FsHeader, x_ecg_leads: str | None = _LeadsHeader) -> Response:
+        """The `/v1/score` answer plus ``diagnosis``: the label level, the positive labels at the thresholds
+        calibrated on fold 9, and every class's probability. 404 ``no_diagnosis_head`` for a detector alone."""
+        step = bodies.parse_map_spec(map_spec)
+        _, prepared = await self._prepare(request, fs or x_ecg_fs, lead_names or x_ecg_leads, record_id)
+        outcome, diagnosis, model_version = await self._call_model("diagnose", prepared, step is not None)
+        if outcome is None:
+            return JSONResponse({"reason": "no_diagnosis_head", "message": f"model {model_version} is an anomaly "
+                                 "detector without a diagnosis head (train one with jobs.finetune)"}, status_code=404)
+        if isinstance(outcome, Exception):
+            raise outcome
+        body = {**bodies.score_body(outcome, model_version, step), "diagnosis": diagnosis.to_dict()}
+        text = await self.work.run(lambda: json.dumps(body))
         return Response(text, media_type=bodies.JSON_TYPE)
 
     @app.post("/v1/score/plot", summary="Score one ECG and plot it with its anomaly map",

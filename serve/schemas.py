@@ -76,6 +76,8 @@ class ModelInfo(BaseModel):
     prep_config: dict
     metadata: dict
     batching: dict = Field(description="max_batch_size and batch_wait_timeout_s of the model deployment")
+    diagnosis: dict | None = Field(default=None, description="the diagnosis head's level and classes "
+                                   "(`/v1/diagnose`), or null for a detector alone")
 
 
 class ReadyBody(BaseModel):

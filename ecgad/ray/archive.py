@@ -126,7 +126,8 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
                   batch_size: int = 32, chunk_size: int = DEFAULT_CHUNK_SIZE, num_scorers: int = 1,
                   min_scorers: int = 1, use_gpu: bool = False, mode: str = "full", scorer_cpus: float = 1.0,
                   scorer_threads: int | None = None,
-                  default_fs: float | None = None, fail_after_chunks: int | None = None) -> dict[str, Any]:
+                  default_fs: float | None = None, fail_after_chunks: int | None = None,
+                  diagnose: bool = False) -> dict[str, Any]:
     """Score every record under ``input_path`` into ``out`` (module docstring); returns the summary it writes.
 
     Runs on the Ray cluster this process is connected to (``ray.init`` first; Ray Data starts a local one if not).
@@ -142,11 +143,14 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
         raise ArchiveError("need chunk_size >= 1, batch_size >= 1 and 1 <= min_scorers <= num_scorers")
     loaded = load_checkpoint(checkpoint)  # fail fast on a bad checkpoint; gives the preparation config
     prep_config, model_version = loaded.prep_config, loaded.model_version
+    if diagnose and loaded.diagnosis is None:
+        raise ArchiveError(f"{checkpoint} has no diagnosis head to --diagnose with (train one with jobs.finetune)")
     del loaded
 
     layout = ArchiveLayout(out)
     job = {"input": str(input_path), "input_kind": input_kind(input_path), "chunk_size": chunk_size,
-           "model_version": model_version, "mode": mode, "maps": maps, "default_fs": default_fs}
+           "model_version": model_version, "mode": mode, "maps": maps, "default_fs": default_fs,
+           **({"diagnose": True} if diagnose else {})}
     resuming = layout.check_or_write_job(job)
     removed = layout.remove_partial_files()
 
@@ -169,7 +173,7 @@ def score_archive(input_path: str | Path, checkpoint: str | Path, out: str | Pat
         _execute(scoring_pipeline(chunks, checkpoint, prep_config, chunk_size=chunk_size, maps=maps,
                                   batch_size=batch_size, num_scorers=num_scorers, min_scorers=min_scorers,
                                   use_gpu=use_gpu, mode=mode, scorer_cpus=scorer_cpus,
-                                  scorer_threads=scorer_threads, default_fs=default_fs),
+                                  scorer_threads=scorer_threads, default_fs=default_fs, diagnose=diagnose),
                  sink)
 
     wall = time.perf_counter() - started

@@ -39,10 +39,16 @@ class ScorerActor:
     """
 
     def __init__(self, checkpoint: str, mode: str, device: str, with_maps: bool, batch_size: int,
-                 threads: int) -> None:
+                 threads: int, diagnose: bool = False) -> None:
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.scorer = Scorer.from_checkpoint(checkpoint, device=device, mode=mode)
+        self.diagnoser = None
+        if diagnose:   # the diagnosis network beside the detector, which scores exactly as without it
+            from ecgad.diagnose import Diagnoser
+
+            self.diagnoser = Diagnoser(checkpoint, device=device, mode=mode)
+        self.scorer = (self.diagnoser.scorer if self.diagnoser is not None
+                       else Scorer.from_checkpoint(checkpoint, device=device, mode=mode))
         self.with_maps = with_maps
         self.batch_size = batch_size
 
@@ -71,7 +77,13 @@ class ScorerActor:
             for (i, _), outcome in zip(part, score_isolated(self.scorer, [p for _, p in part], self.with_maps)):
                 outcomes[i] = outcome
         version = self.scorer.model_version
-        results = [result_row(row, outcome, version) for row, outcome in zip(rows, outcomes)]
+        diagnoses: list = [None] * len(rows)
+        if self.diagnoser is not None:
+            scored = [(i, p) for i, p in todo if isinstance(outcomes[i], Scores)]
+            for (i, _), diagnosis in zip(scored, self.diagnoser.diagnoses([p for _, p in scored])):
+                diagnoses[i] = diagnosis
+        results = [result_row(row, outcome, version, diagnosis)
+                   for row, outcome, diagnosis in zip(rows, outcomes, diagnoses)]
         maps = [map_row(row, outcome) for row, outcome in zip(rows, outcomes)
                 if isinstance(outcome, Scores) and outcome.anomaly_map is not None]
         return (pa.Table.from_pylist(results, schema=RESULT_SCHEMA),
@@ -81,7 +93,7 @@ class ScorerActor:
 def scoring_pipeline(chunks: Dataset, checkpoint: Path | str, prep_config: PrepConfig, *, chunk_size: int, maps: bool,
                      batch_size: int, num_scorers: int, min_scorers: int = 1, use_gpu: bool = False,
                      mode: str = "full", scorer_cpus: float = 1.0, scorer_threads: int | None = None,
-                     default_fs: float | None = None) -> Dataset:
+                     default_fs: float | None = None, diagnose: bool = False) -> Dataset:
     """Chunk rows (of at most ``chunk_size`` records) -> scored chunk rows: prepare in CPU tasks, score in an
     autoscaling pool of ``min_scorers``..``num_scorers`` model actors, each ``scorer_cpus`` CPUs (torch threads:
     ``scorer_threads``, default ``scorer_cpus`` rounded down, at least 1) and a GPU with ``use_gpu``. Records are
@@ -97,7 +109,7 @@ def scoring_pipeline(chunks: Dataset, checkpoint: Path | str, prep_config: PrepC
                      num_cpus=scorer_cpus, num_gpus=1 if use_gpu else 0,
                      fn_constructor_kwargs={"checkpoint": str(checkpoint), "mode": mode,
                                             "device": "cuda" if use_gpu else "cpu", "with_maps": maps,
-                                            "batch_size": batch_size,
+                                            "batch_size": batch_size, "diagnose": diagnose,
                                             "threads": scorer_threads or max(1, math.floor(scorer_cpus))}))
 
 

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let plotUrl = null;
+let diagnosisLevel = null;   // set when the model has a diagnosis head (/v1/model), so /v1/diagnose answers
 
 function authHeaders() {
   const token = $("token").value.trim();
@@ -17,6 +18,7 @@ async function showModel() {
     const info = await response.json();
     const threshold = info.threshold === null ? "not calibrated" : info.threshold.toPrecision(4);
     $("model").textContent = `model ${info.model_version}, ${info.mode} mode, threshold ${threshold}`;
+    diagnosisLevel = info.diagnosis ? info.diagnosis.level : null;
   } catch (err) {
     $("model").textContent = `model: unavailable (${err})`;
   }
@@ -57,11 +59,28 @@ async function score(event) {
       + ` (threshold ${threshold === "nan" ? "not calibrated" : threshold})`;
     $("verdict").className = anomalous ? "anomalous" : "normal";
     $("result").hidden = false;
+    await showDiagnosis(body, fs);
   } catch (err) {
     showError(`Request failed: ${err}`);
   } finally {
     $("submit").disabled = false;
   }
+}
+
+// The diagnoses next to the overlay: the labels above their calibrated thresholds, and the most probable classes.
+async function showDiagnosis(body, fs) {
+  $("diagnosis").hidden = true;
+  if (!diagnosisLevel) return;
+  const params = new URLSearchParams({ map: "none" });
+  if (fs) params.set("fs", fs);
+  const response = await fetch(`v1/diagnose?${params}`, { method: "POST", body, headers: authHeaders() });
+  if (!response.ok) return;
+  const { diagnosis } = await response.json();
+  const top = Object.entries(diagnosis.probabilities).sort((a, b) => b[1] - a[1]).slice(0, 5)
+    .map(([name, p]) => `${name} ${p.toFixed(2)}`).join(", ");
+  $("diagnosis").textContent = `diagnosis (${diagnosis.level}): ${diagnosis.labels.join(", ") || "no label above "
+    + "its threshold"}; most probable: ${top}`;
+  $("diagnosis").hidden = false;
 }
 
 $("upload").addEventListener("submit", score);
