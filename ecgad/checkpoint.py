@@ -395,7 +395,7 @@ def _publish_remote(source: Path, run_uri: str, pointer: str) -> Checkpoint:
     if not is_file(join(target, CONFIG_FILE)):
         for name in checkpoint_files({"diagnosis": checkpoint.diagnosis}):
             put(join(target, name), (source / name).read_bytes())
-    put(join(run_uri, pointer), f"{MODELS_DIR}/{version}\n".encode())
+    put(join(run_uri, pointer), f"{MODELS_DIR}/{checkpoint.model_version}\n".encode())
     return load_checkpoint(target)
 
 
