@@ -94,10 +94,14 @@ def inject(signal: np.ndarray, anomaly: str, seed: int, fs: float = MODEL_FS) ->
 
     Returns a `SynthECG` whose ``signal`` is the anomalous twin of the input and ``mask`` ``(12, samples)`` bool is
     True exactly where it differs from the input (up to float32 rounding). Deterministic in ``seed``. Raises
-    ``ValueError`` for an unknown anomaly or a record with fewer than 4 R-peaks.
+    ``ValueError`` for an unknown anomaly or a record with fewer than 4 R-peaks. ``anomaly`` may combine kinds with
+    ``+`` (``"st_elevation+pvc"``, as `ecgad.synth.generate_ecg` takes them; `_inject_combined`).
     """
-    if anomaly not in _ANOMALIES:
-        raise ValueError(f"unknown anomaly {anomaly!r}; known: {ANOMALY_TYPES}")
+    kinds = anomaly.split("+")
+    if any(kind not in _ANOMALIES for kind in kinds):
+        raise ValueError(f"unknown anomaly {anomaly!r}; known: {ANOMALY_TYPES} (combined with '+')")
+    if len(kinds) > 1:
+        return _inject_combined(signal, kinds, seed, fs)
     signal = np.asarray(signal, dtype=np.float32)
     sinus = _stand_in(signal, fs)
     n = signal.shape[1]
@@ -126,3 +130,18 @@ def inject(signal: np.ndarray, anomaly: str, seed: int, fs: float = MODEL_FS) ->
                     mask=mask, anomaly=anomaly, r_peaks=np.array([round(b.r * fs) for b in beats], dtype=np.int64),
                     beat_types="".join(b.kind for b in beats), seed=int(seed),
                     details={"heart_rate": float(sinus.heart_rate), **change.details})
+
+
+def _inject_combined(signal: np.ndarray, kinds: list[str], seed: int, fs: float) -> SynthECG:
+    """Each kind inserted in turn into the previous result (in the order given, each with its own seed drawn from
+    ``seed``), so the long-tail data set's combinations exist on DeepFake records too; the mask is the union of the
+    parts' masks and ``details`` holds each kind's own, keyed by kind (as `ecgad.synth.generate_ecg` keys them)."""
+    parts, current = [], signal
+    for k, kind in enumerate(kinds):
+        parts.append(inject(current, kind, int(np.random.SeedSequence([seed, k]).generate_state(1)[0]), fs))
+        current = parts[-1].signal
+    last = parts[-1]
+    return SynthECG(signal=last.signal, fs=last.fs, lead_names=LEADS,
+                    mask=np.logical_or.reduce([part.mask for part in parts]), anomaly="+".join(kinds), r_peaks=last.r_peaks, beat_types=last.beat_types, seed=int(seed),
+                    details={"heart_rate": parts[0].details["heart_rate"],
+                             **{kind: part.details for kind, part in zip(kinds, parts)}})

@@ -55,6 +55,16 @@ def test_inserted_anomaly_changes_the_record_only_inside_its_mask(normals, anoma
     np.testing.assert_allclose(lead["III"], lead["II"] - lead["I"], atol=1e-5)
 
 
+def test_combined_anomalies_are_inserted_in_turn_with_the_union_of_their_masks(normals) -> None:
+    twin = inject(normals[0], "st_elevation+pvc", seed=5)
+    change = np.abs(twin.signal - normals[0])
+    assert twin.anomaly == "st_elevation+pvc" and set(twin.details) >= {"st_elevation", "pvc"}
+    assert change[~twin.mask].max(initial=0.0) == 0.0 and "V" in twin.beat_types
+    alone = inject(normals[0], "st_elevation", seed=int(np.random.SeedSequence([5, 0]).generate_state(1)[0]))
+    assert (twin.mask >= alone.mask).all() and twin.mask.sum() > alone.mask.sum()
+    np.testing.assert_array_equal(inject(normals[0], "st_elevation+pvc", seed=5).signal, twin.signal)
+
+
 def test_inject_refuses_what_it_cannot_do(normals) -> None:
     with pytest.raises(ValueError, match="unknown anomaly"):
         inject(normals[0], "flutter", seed=0)
