@@ -36,8 +36,11 @@ def _report_rejection(path: str | Path, reason: str, message: str) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ecgad.synth_dataset import write_dataset
 
-    root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction,
-                         source=args.source, long_tail=args.long_tail)
+    try:
+        root = write_dataset(Path(args.out), n=args.n, seed=args.seed, anomaly_fraction=args.anomaly_fraction,
+                             source=args.source, long_tail=args.long_tail)
+    except ValueError as err:   # an option value the generator cannot honour: a message, not a traceback
+        raise CLIError(str(err)) from err
     print(f"wrote {args.n} synthetic records ({args.source}) in PTB-XL layout to {root}")
     return 0
 

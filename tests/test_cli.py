@@ -43,6 +43,12 @@ def test_inspect_rejection_exits_nonzero_with_reason(tmp_path, capsys):
     assert "rejected" in captured.err
 
 
+def test_synth_option_values_it_cannot_honour_are_a_one_line_error(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "4", "--anomaly-fraction", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ecgad synth: error: anomaly_fraction must lie in [0, 1]") and "Traceback" not in err
+
+
 def test_unknown_option_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "x.hea", "--no-such-flag"])
