@@ -29,6 +29,7 @@ from ecgad.backends import check_backend, stages
 from ecgad.config import PrepConfig
 from ecgad.folded import FoldedMCF
 from ecgad.maps import smooth, stitch_window_maps, to_source_axis
+from ecgad.memory import retain_freed_memory
 from ecgad.masks import TEST_PASSES, eval_masks
 from ecgad.model import MCF, device_of, trend
 from ecgad.objective import global_error_map, local_error_map
@@ -188,8 +189,8 @@ class Scorer:
     pass j) + mean_{beat, j}(local error)``: the full formula with the beat average moved inside the global and
     trend decoders (exact for a one-beat window, an approximation otherwise).
 
-    The model is used in eval mode and put back in its previous mode afterwards, and the decoders are folded from its
-    current weights at every call, so a scorer can be kept across training epochs.
+    The model is used in eval mode and put back in its previous mode afterwards, and the decoders are folded again
+    whenever its weights have changed (`_folded`), so a scorer can be kept across training epochs.
     """
 
     def __init__(self, model: MCF, prep_config: PrepConfig = PrepConfig(), threshold: float = math.nan,
@@ -198,6 +199,8 @@ class Scorer:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.device = torch.device(device) if device is not None else device_of(model)
+        if self.device.type == "cpu":
+            retain_freed_memory()   # the per-step activations would otherwise be mapped and zeroed anew each step
         self.model = model.to(self.device)
         self.prep_config = prep_config
         self.threshold = float(threshold)
@@ -208,6 +211,7 @@ class Scorer:
         #: "eager" (the reference) or "compile" (`ecgad.backends`: the same stages through torch.compile)
         self.backend = check_backend(backend)
         self._compiled: dict = {}
+        self._folding: tuple[tuple[tuple[int, int], ...], FoldedMCF] | None = None   # (weights' identity, folded)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None, mode: str = "full",
@@ -283,6 +287,16 @@ class Scorer:
                       beats_used=record.n_beats, windows_scored=len(record.windows),
                       warnings=list(record.metadata.get("warnings", [])))
 
+    def _folded(self) -> FoldedMCF:
+        """The model's decoders folded (`ecgad.folded`), folded again only when a weight or a BatchNorm statistic
+        has changed since: an optimizer step, a training forward pass or a load changes a tensor in place, which
+        bumps its version counter, and moving the model replaces it. Folding costs about a batch of a few records'
+        scoring (measured: 6 % of a service replica's time at small batches), so it is not redone per call."""
+        identity = tuple((t.data_ptr(), t._version) for t in self.model.state_dict().values())
+        if self._folding is None or self._folding[0] != identity:
+            self._folding = identity, FoldedMCF(self.model)
+        return self._folding[1]
+
     def score_windows(self, windows: Sequence[Window], with_maps: bool = True
                       ) -> tuple[np.ndarray, np.ndarray | None]:
         """Window scores ``(n,)`` and maps ``(n, 12, 4800)`` (samples 100..4900 of each window, as the oracle; None
@@ -295,7 +309,7 @@ class Scorer:
         model.eval()
         try:
             with torch.inference_mode():
-                staged, folded = stages(self.backend, model, FoldedMCF(model), self._compiled)
+                staged, folded = stages(self.backend, model, self._folded(), self._compiled)
                 per_group = max(1, self.max_batch // TEST_PASSES)
                 results = [_WindowGroup(staged, folded, self.prep_config, windows[i:i + per_group], self.max_batch,
                                         with_maps, self.device).score(fast=self.mode == "fast")

@@ -96,6 +96,25 @@ def test_scorer_leaves_the_model_as_it_found_it(model, windows):
                                       rel=RTOL)
 
 
+def test_a_kept_scorer_follows_weight_changes_and_folds_only_then(windows):
+    """The folded decoders are reused while the weights stay; an in-place update (an optimizer step, a load) or a
+    BatchNorm statistic changed by a training pass is seen at the next call, as by a new scorer."""
+    model = _random_model(MCFConfig.small())
+    scorer = Scorer(model)
+    before, _ = scorer.score_windows(windows[:1])
+    folded = scorer._folded()
+    scorer.score_windows(windows[:1])
+    assert scorer._folded() is folded
+    with torch.no_grad():
+        model.global_decoder.main[-2].weight.add_(0.05)        # in place, as an optimizer step
+    after, _ = scorer.score_windows(windows[:1])
+    assert scorer._folded() is not folded and after[0] != pytest.approx(before[0], rel=1e-3)
+    assert after[0] == pytest.approx(Scorer(model).score_windows(windows[:1])[0][0], rel=RTOL)
+    model.load_state_dict(_random_model(MCFConfig.small(), seed=1).state_dict())   # copies into the same tensors
+    assert scorer.score_windows(windows[:1])[0][0] == pytest.approx(
+        oracle_score_window(model, windows[0].signal, windows[0].beat_peaks)[0], rel=RTOL)
+
+
 def test_score_prepared_gives_record_scores_on_the_input_axis(model, records):
     prepared = [prepare(record) for record in records]
     results = Scorer(model, threshold=0.5).score_prepared(prepared)
