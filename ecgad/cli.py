@@ -88,7 +88,8 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
     try:
         out = train_local(Path(args.data), Path(args.out), config=args.config, epochs=args.epochs,
-                          batch_size=args.batch_size, seed=args.seed, device=args.device, lr=args.lr)
+                          batch_size=args.batch_size, seed=args.seed, device=args.device, lr=args.lr,
+                          init_from=args.init_from)
     except ValueError as err:   # unusable data or arguments (train_local says which)
         raise CLIError(str(err)) from err
     print(f"checkpoint written to {out} ({args.out} points at it)")
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the cosine schedule (paper: 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (its architecture and preparation are kept; --config is "
+                        "then not used): fine-tune a pretrained model on your own normals, at a lower --lr")
     p.set_defaults(handler=cmd_train_local)
 
     p = sub.add_parser("score", help="score records with a checkpoint")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgad.checkpoint import publish_checkpoint, save_checkpoint
+from ecgad.checkpoint import load_checkpoint, publish_checkpoint, save_checkpoint
 from ecgad.config import PrepConfig
 from ecgad.masks import eval_masks, train_masks
 from ecgad.drift import Calibration
@@ -353,7 +353,8 @@ def _record_scores(model: MCF, prepared: Sequence[Prepared], prep_config: PrepCo
 def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "small", epochs: int = 10,
                 batch_size: int = 32, seed: int = 0, device: str | torch.device | None = None,
                 trend_from_masked: bool = False, score_mode: str = "full",
-                autocast_dtype: torch.dtype | None = None, lr: float = BASE_LR) -> Path:
+                autocast_dtype: torch.dtype | None = None, lr: float = BASE_LR,
+                init_from: str | Path | None = None) -> Path:
     """Train MCF on a PTB-XL root (real or synthetic) in this process and write the finished checkpoint.
 
     Folds 1-8 normals train; after every epoch the fold-9 normals give a validation loss (deterministic test
@@ -363,6 +364,11 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     scores on fold-9 normals. ``lr`` is the peak of the cosine schedule (the paper's 1e-4 by default; a small model
     trained for a few minutes learns far more with 1e-3).
 
+    ``init_from`` (a checkpoint directory or URI) starts from that model's weights instead of a random
+    initialization: fine-tuning a model pretrained elsewhere (e.g. on DeepFake ECG normals) on one's own normals,
+    usually at a lower ``lr``. Its architecture and preparation settings are kept (``config`` and
+    ``trend_from_masked`` are then not used: a model cannot change shape), and ``metadata["init_from"]`` names it.
+
     The checkpoint is published as a version beside ``out_dir`` (``<parent>/models/<version>/``, never rewritten;
     `ecgad.checkpoint.publish_checkpoint`) and ``out_dir`` becomes a link to it, so training again into the same
     ``out_dir`` cannot change what a running service or job loaded from it. Returns the version directory.
@@ -371,9 +377,10 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
         raise ValueError(f"config must be 'small' or 'paper', got {config!r}")
     generator = set_seed(seed)
     device = _resolve_device(device)
-    prep_config = PrepConfig()
+    start = load_checkpoint(init_from, device=device) if init_from is not None else None
+    prep_config = start.prep_config if start else PrepConfig()
     base = MCFConfig.small() if config == "small" else MCFConfig.paper()
-    model_config = replace(base, trend_from_masked=trend_from_masked)
+    model_config = start.model_config if start else replace(base, trend_from_masked=trend_from_masked)
 
     started = time.perf_counter()
     train, val, val_labels, rejections = load_split(data_root, prep_config)
@@ -391,7 +398,7 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     val_globals, val_beats = _windows(val_normals)
     metric = selection_metric(len(val_normals), int(val_labels.sum()))
 
-    model = MCF(model_config).to(device)
+    model = start.model.train() if start else MCF(model_config).to(device)
     optimizer = make_optimizer(model, lr=lr)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -432,6 +439,7 @@ def train_local(data_root: str | Path, out_dir: str | Path, *, config: str = "sm
     metadata = {
         "data_root": str(Path(data_root).resolve()), "config": config, "epochs": epochs, "batch_size": batch_size,
         "seed": seed, "device": str(device), "score_mode": score_mode,
+        "init_from": {"path": str(start.path), "model_version": start.model_version} if start else None,
         "autocast_dtype": str(autocast_dtype) if autocast_dtype else None,
         "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": WEIGHT_DECAY,
                       "schedule": "lr * 0.5 * (1 + cos(pi * epoch / epochs)), per epoch, epochs from 0"},

@@ -13,8 +13,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from ecgad.checkpoint import CONFIG_FILE
+from ecgad.checkpoint import CONFIG_FILE, load_checkpoint
 from ecgad.io import read_record
 from ecgad.metrics import pooled_point_auroc, record_auroc
 from ecgad.preprocess import prepare
@@ -46,6 +47,24 @@ def test_training_twice_with_one_seed_gives_identical_losses(tmp_path):
     assert np.isfinite([e["train"]["loss"] for e in first]).all()
     other = train_local(root, tmp_path / "other", config="small", epochs=1, batch_size=8, seed=8, device="cpu")
     assert _history(other)[0]["train"]["loss"] != first[0]["train"]["loss"]   # the seed does matter
+
+
+def test_training_can_start_from_a_checkpoint(tmp_path):
+    """``init_from``: the weights, architecture and preparation of the given checkpoint are the starting point (at a
+    learning rate of 0 the weights come out unchanged), whatever ``config`` says, and the run records where it
+    started."""
+    root = write_dataset(tmp_path / "synth", 40, seed=11)
+    first = load_checkpoint(train_local(root, tmp_path / "first", config="small", epochs=1, batch_size=8, seed=7,
+                                        device="cpu"))
+    again = load_checkpoint(train_local(root, tmp_path / "again", config="paper", epochs=1, batch_size=8, seed=8,
+                                        device="cpu", lr=0.0, init_from=tmp_path / "first"))
+    assert again.model_config == first.model_config and again.prep_config == first.prep_config
+    weights = dict(first.model.named_parameters())
+    assert all(torch.equal(value, weights[name]) for name, value in again.model.named_parameters())
+    assert again.metadata["init_from"] == {"path": str(first.path), "model_version": first.model_version}
+    scratch = load_checkpoint(train_local(root, tmp_path / "scratch", config="small", epochs=1, batch_size=8, seed=8,
+                                          device="cpu", lr=0.0))
+    assert not torch.equal(scratch.model.global_encoder.main[0].weight, first.model.global_encoder.main[0].weight)
 
 
 @pytest.fixture(scope="module")
