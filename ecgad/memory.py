@@ -3,13 +3,13 @@
 Why: PyTorch's CPU allocator takes each tensor straight from the C library's ``malloc``, and glibc serves a block
 above its mmap threshold (at most 32 MiB, raised on the fly) with a fresh ``mmap`` and returns it with ``munmap``
 when the tensor dies. The scorer's decoder activations are 10-40 MiB per step, so every step paid the kernel to map
-and zero those pages again: measured with `bench/score.py`'s records (paper model, full mode, 8 records), 162,000
-minor page faults and 0.26 s of system time per 1.3 s call; with this setting, 0 faults and 0.96 s instead of 1.10 s per call in
-the same session, for a resident size of 590 MiB instead of 530 (`ecgad.scoring.Scorer` applies it on CPU). Raising the mmap threshold and
-the trim threshold above those sizes lets ``free`` keep the pages in the heap for the next step (1 page fault per
-call); the process's memory then stays at its peak instead of shrinking between calls, which a long-lived scoring
-process (service replica, archive actor, evaluation) wants anyway. It is the same effect as running under jemalloc
-or tcmalloc, without asking users to ``LD_PRELOAD`` anything.
+and zero those pages again. Measured with `bench/score.py`'s records (paper model, full mode, 8 records): 162,000
+minor page faults and 0.26 s of system time per 1.3 s call; with this setting, 0 faults and 0.96 s instead of 1.10 s
+per call in the same session, for a resident size of 590 MiB instead of 530. Raising the mmap and trim thresholds
+above those sizes lets ``free`` keep the pages in the heap for the next step; the process's memory then stays at its
+peak instead of shrinking between calls, which a long-lived scoring process (service replica, archive actor,
+evaluation) wants anyway. It is the effect of running under jemalloc or tcmalloc, without asking users to
+``LD_PRELOAD`` anything. `ecgad.scoring.Scorer` applies it on CPU.
 """
 
 from __future__ import annotations
